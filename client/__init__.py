@@ -1,0 +1,1 @@
+"""Flower ClientApp and the site-side logic it adapts."""

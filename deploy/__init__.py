@@ -1,0 +1,1 @@
+"""Provisioning, site daemons and coordinator operations."""

@@ -1,0 +1,5 @@
+"""Allow ``python -m qanafed``."""
+
+from qanafed.cli import main
+
+main()

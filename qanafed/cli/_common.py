@@ -1,0 +1,28 @@
+"""Console, logging and output helpers shared by the CLI groups."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+from common.log import LOGGER_NAME
+
+#: Human output goes to stderr so that ``--json`` output on stdout stays machine-readable.
+console = Console(stderr=True)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Send the qanafed logger to a rich handler on stderr (idempotent)."""
+    log = logging.getLogger(LOGGER_NAME)
+    log.setLevel(level)
+    if not any(isinstance(h, RichHandler) for h in log.handlers):
+        log.addHandler(RichHandler(console=console, show_path=False, rich_tracebacks=False))
+
+
+def print_json(obj: Any) -> None:
+    """Print one JSON object on stdout."""
+    print(json.dumps(obj, indent=2, sort_keys=False, default=str))

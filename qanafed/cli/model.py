@@ -1,0 +1,7 @@
+"""``qanafed model``: list, train, evaluate, map and teach QANA models."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(help="List, train, evaluate, map and teach QANA models.", no_args_is_help=True)
