@@ -149,8 +149,8 @@ def read_private(path: str | Path, *, how_to_create: str | None = None) -> bytes
             f"cannot open private key file {path}: {err.strerror}",
             f"check the path and that you own {path}",
         ) from err
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
+    try:
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise SecurityError(
                 f"private key path {path} is not a regular file", "point to the key file itself"
@@ -161,6 +161,10 @@ def read_private(path: str | Path, *, how_to_create: str | None = None) -> bytes
                 f"private key file {path} has mode {mode:04o}: group/others can access it",
                 f"chmod 600 {path}",
             )
+    except SecurityError:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as handle:
         return handle.read()
 
 

@@ -129,6 +129,12 @@ def generate_metrics_keypair() -> tuple[X25519PrivateKey, X25519PublicKey]:
     return private, private.public_key()
 
 
+def _describe(key: object) -> str:
+    """Name a key's type for error messages, e.g. ``"EC secp384r1 key"``."""
+    curve = getattr(key, "curve", None)
+    return f"EC {curve.name} key" if curve is not None else type(key).__name__
+
+
 def _raw_public(public_key: X25519PublicKey) -> bytes:
     return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
@@ -224,7 +230,7 @@ def load_metrics_private_key(path: str | Path) -> X25519PrivateKey:
         ) from None
     if not isinstance(key, X25519PrivateKey):
         raise SecurityError(
-            f"{path} holds a {type(key).__name__}, not an X25519 metrics private key",
+            f"{path} holds an {_describe(key)}, not an X25519 metrics private key",
             f"point to the metrics private key, or {_KEYGEN_HINT}",
         )
     return key
@@ -258,7 +264,7 @@ def load_metrics_public_key(path: str | Path) -> X25519PublicKey:
         ) from None
     if not isinstance(key, X25519PublicKey):
         raise SecurityError(
-            f"{path} holds a {type(key).__name__}, not an X25519 metrics public key",
+            f"{path} holds an {_describe(key)}, not an X25519 metrics public key",
             "point to the coordinator's metrics public key from the site kit",
         )
     return key
@@ -303,8 +309,8 @@ def _check_binding(run_id: str, round: int, site_id: str) -> None:
         )
 
 
-def _parse(envelope: bytes) -> tuple[_Header, bytes]:
-    """Split an envelope into header and ciphertext, or raise :class:`MalformedReport`."""
+def _as_envelope(envelope: bytes) -> bytes:
+    """Check type, size, magic and version; return the envelope as ``bytes``."""
     if not isinstance(envelope, bytes | bytearray | memoryview):
         raise MalformedReport(
             f"envelope must be bytes, got {type(envelope).__name__}",
@@ -316,13 +322,9 @@ def _parse(envelope: bytes) -> tuple[_Header, bytes]:
             f"envelope of {len(envelope)} bytes exceeds {MAX_ENVELOPE_BYTES}",
             "send smaller metrics (no per-image data)",
         )
-    truncated = MalformedReport(
-        f"envelope of {len(envelope)} bytes is truncated or not a qanafed metrics report",
-        "pass the complete bytes produced by encrypt_report()",
-    )
     if len(envelope) < _FIXED.size:
-        raise truncated
-    magic, version, kid, ephemeral, nonce = _FIXED.unpack_from(envelope)
+        raise _truncated(envelope)
+    magic, version = envelope[:4], envelope[4]
     if magic != MAGIC:
         raise MalformedReport(
             f"envelope starts with {magic!r}, not {MAGIC!r}: not a qanafed metrics report",
@@ -333,6 +335,19 @@ def _parse(envelope: bytes) -> tuple[_Header, bytes]:
             f"envelope version {version} is not supported (this build reads {ENVELOPE_VERSION})",
             "use the same qanafed version on sites and coordinator",
         )
+    return envelope
+
+
+def _truncated(envelope: bytes) -> MalformedReport:
+    return MalformedReport(
+        f"envelope of {len(envelope)} bytes is truncated or not a qanafed metrics report",
+        "pass the complete bytes produced by encrypt_report()",
+    )
+
+
+def _parse_header(envelope: bytes) -> _Header | None:
+    """Parse the header as received (for diagnosis only); None if it does not parse."""
+    _, version, kid, ephemeral, nonce = _FIXED.unpack_from(envelope)
     try:
         pos = _FIXED.size
         (run_len,) = struct.unpack_from(">B", envelope, pos)
@@ -343,13 +358,12 @@ def _parse(envelope: bytes) -> tuple[_Header, bytes]:
         site_id = envelope[pos : pos + site_len].decode()
         pos += site_len
     except (struct.error, UnicodeDecodeError):
-        raise truncated from None
+        return None
     if len(run_id.encode()) != run_len or len(site_id.encode()) != site_len:
-        raise truncated
+        return None
     if len(envelope) - pos < _TAG_LEN:
-        raise truncated
-    header = _Header(version, kid, ephemeral, nonce, run_id, round_, site_id)
-    return header, envelope[pos:]
+        return None
+    return _Header(version, kid, ephemeral, nonce, run_id, round_, site_id)
 
 
 def _derive_key(shared: bytes, ephemeral: bytes, recipient: bytes) -> bytes:
@@ -503,6 +517,8 @@ class ReportReceiver:
 
     def _decrypt(self, header: _Header, body: bytes) -> bytes | None:
         """Decrypt ``body`` with ``header`` as associated data; None if it does not authenticate."""
+        if len(body) < _TAG_LEN:
+            return None
         try:
             shared = self._private.exchange(X25519PublicKey.from_public_bytes(header.ephemeral))
         except ValueError:  # low-order point: all-zero shared secret
@@ -555,20 +571,14 @@ class ReportReceiver:
             The same report was accepted before.
         """
         _check_binding(run_id, round, site_id)
-        received, body = _parse(envelope)
-        expected = _Header(
-            ENVELOPE_VERSION,
-            self._key_id,
-            received.ephemeral,
-            received.nonce,
-            run_id,
-            round,
-            site_id,
-        )
-        plaintext = self._decrypt(expected, body)
+        envelope = _as_envelope(envelope)
+        _, _, _, ephemeral, nonce = _FIXED.unpack_from(envelope)
+        expected = _Header(ENVELOPE_VERSION, self._key_id, ephemeral, nonce, run_id, round, site_id)
+        aad = expected.encode()
+        plaintext = self._decrypt(expected, envelope[len(aad) :])
         if plaintext is None:
-            raise self._why_not(received, expected)
-        if received != expected:
+            raise self._why_not(envelope, expected)
+        if envelope[: len(aad)] != aad:
             raise TamperedReport(
                 "metrics report header was altered in transit (it authenticates only against "
                 f"key {self.key_id}, run {run_id!r}, round {round}, site {site_id!r})",
@@ -595,8 +605,11 @@ class ReportReceiver:
         )
         return payload["metrics"]
 
-    def _why_not(self, received: _Header, expected: _Header) -> SecurityError:
+    def _why_not(self, envelope: bytes, expected: _Header) -> SecurityError:
         """Explain why an envelope did not authenticate against the expected header."""
+        received = _parse_header(envelope)
+        if received is None:
+            return _truncated(envelope)
         if received.key_id != expected.key_id:
             return MisaddressedReport(
                 f"report is encrypted for metrics key {received.key_id.hex()}, "
