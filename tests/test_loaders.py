@@ -516,11 +516,20 @@ def test_parse_synthetic_spec_maps_keys_and_rejects_bad_ones():
 
 
 def test_load_dataset_synthetic_spec_dispatches_to_the_generator():
-    pytest.importorskip("common.synthetic", reason="common/synthetic.py is not written yet")
-
     # Execute
     ds = load_dataset("synthetic:n=40,size=16,sites=2,seed=1")
+    same = load_dataset("synthetic:size=16,seed=1", sites="2", n=40)
 
     # Assert
     assert ds.format == "synthetic" and len(ds) == 40
     assert ds.images.shape[1:] == (16, 16, 3) and len(ds.site_counts()) == 2
+    assert np.array_equal(ds.images, same.images)
+
+
+def test_load_dataset_synthetic_rejects_bad_options():
+    with pytest.raises(ConfigError, match="'seed' is given twice"):
+        load_dataset("synthetic:seed=1", seed=2)
+    with pytest.raises(ConfigError, match="do not apply to the 'synthetic'"):
+        load_dataset("synthetic", extra_classes="drop")
+    with pytest.raises(ConfigError, match="needs a synthetic spec"):
+        load_dataset("data/ham", format="synthetic")

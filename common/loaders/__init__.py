@@ -50,10 +50,20 @@ def load_synthetic(spec: str = "synthetic", **options: Any) -> LesionDataset:
     """
     kwargs = parse_synthetic(spec)
     for key, value in options.items():
+        if key not in SYNTHETIC_KEYS:
+            raise ConfigError(
+                f"unknown synthetic option {key!r}", f"use only {', '.join(SYNTHETIC_KEYS)}"
+            )
         name, kind = SYNTHETIC_KEYS[key]
         if name in kwargs:
             raise ConfigError(f"synthetic option {key!r} is given twice", "give it once")
-        kwargs[name] = kind(value)
+        try:
+            kwargs[name] = kind(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"synthetic option {key}={value!r} is not a valid {kind.__name__}",
+                f"give {key} as a {kind.__name__}",
+            ) from None
     from common.synthetic import make_synthetic
 
     return make_synthetic(**kwargs)
