@@ -320,6 +320,21 @@ def test_isic_row_not_one_hot_names_the_image(tmp_path, hot):
     assert "'ISIC_7'" in str(err.value) and f"has {len(hot)} classes set to 1" in str(err.value)
 
 
+def test_isic_2019_test_ground_truth_keeps_score_weight_as_metadata(tmp_path):
+    # Prepare
+    gt = make_isic(tmp_path, "ISIC_2019_Test", ISIC19, {"ISIC_1": "MEL", "ISIC_2": "BKL"})
+    lines = gt.read_text().splitlines()
+    weighted = [lines[0] + ",score_weight"] + [line + ",0.5" for line in lines[1:]]
+    gt.write_text("\n".join(weighted) + "\n")
+
+    # Execute
+    ds = load_isic(gt)
+
+    # Assert
+    assert [HAM_CLASSES[i] for i in ds.labels] == ["mel", "bkl"]
+    assert ds.metadata[1] == {"score_weight": "0.5"}
+
+
 def test_isic_unknown_class_column_is_an_error(tmp_path):
     make_isic(tmp_path, "X", ["MEL", "NV", "MELANOMA"], {"ISIC_1": "MEL"})
     with pytest.raises(DataError, match="unknown class column.*MELANOMA"):
@@ -377,6 +392,21 @@ def test_npz_with_wrong_keys_lists_expected_and_found(tmp_path):
 
     # Assert
     assert "has keys x_train, y" in str(err.value) and "expected train_images" in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["npy", "text"])
+def test_npz_that_is_not_an_archive_is_a_data_error(tmp_path, kind):
+    # Prepare
+    path = tmp_path / "dermamnist.npz"
+    if kind == "npy":
+        with path.open("wb") as fh:
+            np.save(fh, np.zeros((2, 4, 4, 3), np.uint8))
+    else:
+        path.write_text("not numpy at all")
+
+    # Execute / Assert
+    with pytest.raises(DataError, match="dermamnist.npz"):
+        load_npz(path)
 
 
 def test_npz_multilabel_labels_are_rejected(tmp_path):

@@ -30,6 +30,9 @@ GROUND_TRUTH_SUFFIX = "_GroundTruth.csv"
 INPUT_SUFFIX = "_Input"
 METADATA_SUFFIX = "_Metadata.csv"
 
+#: Ground-truth columns that are not classes (ISIC 2019 test ground truth); kept as metadata.
+NON_CLASS_COLUMNS: tuple[str, ...] = ("score_weight",)
+
 #: What to do with images labelled SCC or UNK.
 EXTRA_CLASS_MODES: tuple[str, ...] = ("error", "drop", "keep")
 
@@ -76,7 +79,8 @@ def load_isic(path: str | Path, extra_classes: str = "error") -> LesionDataset:
     -------
     LesionDataset
         Format ``"isic"``; images as file paths; the metadata CSV's other columns
-        (``age_approx``, ``anatom_site_general``, ``sex`` ...) as per-image metadata.
+        (``age_approx``, ``anatom_site_general``, ``sex`` ...) and the ground truth's
+        ``score_weight`` (ISIC 2019 test) as per-image metadata.
 
     Raises
     ------
@@ -110,7 +114,8 @@ def load_isic(path: str | Path, extra_classes: str = "error") -> LesionDataset:
         )
 
     header, rows = read_csv(gt_path, ("image",))
-    columns = [c for c in header if c != "image"]
+    info_columns = [c for c in header if c in NON_CLASS_COLUMNS]
+    columns = [c for c in header if c != "image" and c not in NON_CLASS_COLUMNS]
     unknown = [c for c in columns if c.upper() not in ISIC_TO_HAM and c.upper() not in ISIC_EXTRA]
     if unknown or not columns:
         raise DataError(
@@ -154,7 +159,7 @@ def load_isic(path: str | Path, extra_classes: str = "error") -> LesionDataset:
         if file is None:
             missing.append(image_id)
             continue
-        info = dict(meta.get(image_id, {}))
+        info = dict(meta.get(image_id, {})) | {c: row[c] for c in info_columns}
         lesion = info.pop("lesion_id", "") or image_id
         images.append(str(file))
         labels.append(label_of[cls])

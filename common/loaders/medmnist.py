@@ -55,6 +55,11 @@ def load_npz(path: str | Path) -> LesionDataset:
         raise DataError(
             f"cannot read {str(p)!r} as a .npz file ({err})", "re-download the MedMNIST file"
         ) from err
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(
+            f"{str(p)!r} holds a single array, not a .npz archive of named arrays",
+            f"use a MedMNIST file with the keys {', '.join(EXPECTED_KEYS)}",
+        )
     with archive:
         found = sorted(archive.files)
         splits = [s for s in SPLITS if f"{s}_images" in found and f"{s}_labels" in found]
