@@ -130,7 +130,11 @@ def inspect(
     fmt: FormatOpt = None,
     extra_classes: ExtraOpt = None,
 ) -> None:
-    """Detect the format and count images, lesions, classes, sites and quality-filter drops."""
+    """Detect the format and count images, lesions, classes, sites and quality-filter drops.
+
+    PATH is a dataset folder (HAM10000, ISIC, class-per-folder), a HAM10000 metadata or ISIC
+    ground-truth CSV, a MedMNIST .npz file, or synthetic[:n=600,size=64,sites=3,seed=0].
+    """
     import numpy as np
     from rich.table import Table
 
@@ -148,7 +152,7 @@ def inspect(
         print_json(
             {
                 "format": ds.format,
-                "root": ds.root,
+                "root": ds.root or path,
                 "images": len(ds),
                 "lesions": ds.num_lesions,
                 "classes": ds.class_counts(),
@@ -160,7 +164,7 @@ def inspect(
         return
 
     console.print(
-        f"[bold]{ds.root}[/] — format [cyan]{ds.format}[/], {len(ds)} images, "
+        f"[bold]{ds.root or path}[/] — format [cyan]{ds.format}[/], {len(ds)} images, "
         f"{ds.num_lesions} lesions, {ds.num_classes} classes, {len(sites)} sites"
     )
     classes = Table(title="Images per class")
@@ -192,7 +196,10 @@ def split(
     fmt: FormatOpt = None,
     extra_classes: ExtraOpt = None,
 ) -> None:
-    """Split by lesion (no lesion in two splits), write it to --out and print class counts."""
+    """Split by lesion (no lesion in two splits), write it to --out and print class counts.
+
+    PATH is any dataset 'qanafed data inspect' reads.
+    """
     from common.splits import grouped_split
 
     from qanafed.cli._common import console, print_json
@@ -206,7 +213,7 @@ def split(
             {
                 "out": str(out),
                 "format": ds.format,
-                "root": ds.root,
+                "root": ds.root or path,
                 "val": val,
                 "test": test,
                 "seed": seed,
@@ -236,7 +243,10 @@ def partition(
     fmt: FormatOpt = None,
     extra_classes: ExtraOpt = None,
 ) -> None:
-    """Partition the dataset into federated sites and print per-site class counts."""
+    """Partition the dataset into federated sites and print per-site class counts.
+
+    PATH is any dataset 'qanafed data inspect' reads.
+    """
     from common.partition import partition as make_partition
 
     from qanafed.cli._common import console, print_json
@@ -248,7 +258,7 @@ def partition(
         print_json(
             {
                 "format": ds.format,
-                "root": ds.root,
+                "root": ds.root or path,
                 "scheme": scheme.value,
                 "num_sites": len(parts),
                 "alpha": alpha,
