@@ -539,9 +539,11 @@ class ReportReceiver:
     ) -> dict[str, Any]:
         """Decrypt and check one report; return its metrics.
 
-        The envelope is decrypted against the header this receiver *expects* (its own key id and
-        the given run/round/site), so nothing is accepted unless it was made for exactly that. When
-        that fails, the received header tells a misaddressed report from a tampered one.
+        The ciphertext is taken at the offset where the *expected* header (this receiver's key id
+        and the given run/round/site) ends and decrypted with that header as associated data, so
+        nothing is accepted unless it was made for exactly that. If it authenticates but the
+        received header differs, the header was altered (:class:`TamperedReport`); if it does not,
+        the received header tells a misaddressed report from a tampered one.
 
         Parameters
         ----------

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 from pathlib import Path
 
 from cryptography import x509
@@ -50,6 +51,11 @@ __all__ = [
 CURVE = ec.SECP384R1
 #: Certificates start this long before "now", to tolerate clock skew between hosts.
 _BACKDATE = dt.timedelta(minutes=5)
+
+#: An ASCII DNS name, optionally with a leading wildcard label (``*.example.org``).
+_DNS_NAME = re.compile(
+    r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
 
 _log = get_logger("pki")
 
@@ -119,7 +125,7 @@ def create_ca(
 def _san(hostnames: list[str], ips: list[str]) -> list[x509.GeneralName]:
     names: list[x509.GeneralName] = []
     for host in hostnames:
-        if not isinstance(host, str) or not host or host != host.strip() or not host.isascii():
+        if not isinstance(host, str) or not _DNS_NAME.fullmatch(host):
             raise ConfigError(
                 f"server hostname {host!r} is not a valid DNS name",
                 "use ASCII DNS names (punycode for international names); put IPs in ips",
