@@ -201,6 +201,22 @@ def test_rot90_and_flips_are_exact() -> None:
         assert min(np.abs(got - v).max() for v in variants) < 1e-3
 
 
+def test_hue_and_saturation_jitter_keep_luma() -> None:
+    # Prepare: mid-range colours, so nothing is clipped.
+    rng = np.random.default_rng(4)
+    images = rng.integers(90, 160, (8, 8, 8, 3), dtype=np.uint8)
+    config = AugmentConfig(flip=False, rot90=False, max_rotation=0.0, scale=(1.0, 1.0),
+                           translate=0.0, brightness=0.0, contrast=0.0, saturation=0.2, hue=0.1)
+    luma = np.array([0.299, 0.587, 0.114], np.float32)
+
+    # Execute
+    out = first_batch(make_dataset(images, np.zeros(8, int), 8, augment=True, config=config))[0]
+
+    # Assert: colours changed, brightness (luma) did not.
+    assert np.abs(out - images).mean() > 1.0
+    np.testing.assert_allclose(out @ luma, images.astype(np.float32) @ luma, atol=0.05)
+
+
 def test_file_dataset_matches_load_arrays(files) -> None:
     # Prepare
     paths, _ = files
