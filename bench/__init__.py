@@ -1,0 +1,1 @@
+"""Reproducible benchmarks of qanafed components; each writes bench/results/<name>.json."""
