@@ -138,7 +138,7 @@ def _colour_matrices(hue: tf.Tensor, saturation: tf.Tensor) -> tf.Tensor:
 
     Hue turns by ``hue`` radians around the luma axis in YIQ space; saturation blends
     each pixel with its luma. Both keep luma (ITU-R 601) unchanged and cost one 3x3
-    product per pixel, about 5x less than an HSV round trip.
+    product per pixel, several times cheaper than an HSV round trip.
     """
     cos, sin = tf.cos(hue), tf.sin(hue)
     one, zero = tf.ones_like(hue), tf.zeros_like(hue)
@@ -210,8 +210,9 @@ def make_dataset(
     """Return a batched, prefetched ``tf.data.Dataset`` of in-memory images.
 
     Shuffling permutes indices (no shuffle buffer holding image copies) and is
-    re-drawn every epoch; augmentation is drawn per batch from stateless seeds, so the
-    same ``seed`` gives the same batches, epoch after epoch, in every run.
+    re-drawn every epoch; augmentation is drawn per batch from stateless seeds. Each
+    epoch draws new shuffles and augmentations, and the same ``seed`` gives the same
+    sequence of batches in every run.
 
     Parameters
     ----------
