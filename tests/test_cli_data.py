@@ -45,6 +45,83 @@ def ham(tmp_path) -> Path:
     return root
 
 
+@pytest.fixture
+def ham_many(tmp_path) -> Path:
+    """A 60-image HAM10000 folder: 40 lesions (some photographed 2-3 times), 3 sites, tiny JPEGs."""
+    root = tmp_path / "ham_many"
+    part = root / "HAM10000_images_part_2"
+    part.mkdir(parents=True)
+    dx = ["nv", "nv", "nv", "mel", "bkl", "bcc", "akiec", "df", "vasc"]
+    sites = ["vidir_molemax", "rosendahl", "vienna_dias"]
+    rows = []
+    for i in range(60):
+        lesion = i if i < 40 else 30 + (i - 40) % 5  # lesions 30..34 get re-shots
+        rows.append(
+            [
+                f"HAM_{lesion:03d}",
+                f"ISIC_{i:03d}.jpg",
+                dx[lesion % 9],
+                "histo",
+                "50",
+                "female",
+                "back",
+                sites[lesion % 3],
+            ]
+        )
+        Image.new("RGB", (8, 8), (i * 4, 100, 50)).save(part / f"ISIC_{i:03d}.jpg")
+    with (root / "HAM10000_metadata.csv").open("w", newline="") as fh:
+        csv.writer(fh).writerows([HEADER, *rows])
+    return root
+
+
+def test_split_writes_a_lesion_grouped_split_that_loads_back(ham_many, tmp_path):
+    # Prepare
+    from common.loaders import load_dataset
+    from common.splits import Split
+
+    out = tmp_path / "splits" / "ham.json"
+
+    # Execute
+    result = run(
+        "split",
+        str(ham_many),
+        "--out",
+        str(out),
+        "--val",
+        "0.2",
+        "--test",
+        "0.2",
+        "--seed",
+        "1",
+        "--json",
+    )
+
+    # Assert
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    ds = load_dataset(ham_many)
+    saved = Split.load(out, ds)
+    assert report["sizes"] == {name: len(idx) for name, idx in saved.parts.items()}
+    assert sum(report["sizes"].values()) == 60
+    assert report["splits"] == saved.class_counts(ds)
+    lesions = [set(ds.lesion_ids[idx].tolist()) for idx in saved.parts.values()]
+    assert [len(s) for s in lesions] == list(report["lesions"].values())
+    assert sum(len(s) for s in lesions) == len(set.union(*lesions)) == 40
+    for cls, n in ds.class_counts().items():
+        assert sum(row[cls] for row in report["splits"].values()) == n
+
+
+def test_split_prints_a_table_per_split(ham_many, tmp_path):
+    # Execute
+    result = run("split", str(ham_many), "--out", str(tmp_path / "s.json"))
+
+    # Assert
+    assert result.exit_code == 0, result.output
+    assert "Images per split and class" in result.stderr
+    assert all(name in result.stderr for name in ("train", "val", "test"))
+    assert (tmp_path / "s.json").is_file()
+
+
 def test_inspect_json_counts_images_lesions_classes_sites_and_quality_drops(ham):
     # Execute
     result = run("inspect", str(ham), "--json")

@@ -201,7 +201,6 @@ def split(
     PATH is any dataset 'qanafed data inspect' reads.
     """
     from common.splits import grouped_split
-
     from qanafed.cli._common import console, print_json
 
     ds = _load(path, fmt, extra_classes)
@@ -217,7 +216,11 @@ def split(
                 "val": val,
                 "test": test,
                 "seed": seed,
-                "sizes": {name: sum(row.values()) for name, row in counts.items()},
+                "sizes": result.sizes(),
+                "lesions": {
+                    name: len(set(ds.lesion_ids[idx].tolist()))
+                    for name, idx in result.parts.items()
+                },
                 "splits": counts,
             }
         )
