@@ -1,0 +1,306 @@
+"""Scenario configuration of a federated run, validated from YAML (kebab-case keys)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+VARIANTS = ("qana-akd1000", "qana-akida2", "qana-float")
+SCHEMES = ("natural", "iid", "dirichlet")
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=_kebab, populate_by_name=True)
+
+
+class PartitionConfig(_Section):
+    """How the data set is split into sites.
+
+    Parameters
+    ----------
+    scheme : str (default: "natural")
+        ``natural`` (the data set's own site column), ``iid`` or ``dirichlet``.
+    sites : int (default: 3)
+        Number of sites (simulated SuperNodes).
+    alpha : float (default: 0.5)
+        Dirichlet concentration (``dirichlet`` only); smaller is more heterogeneous.
+    seed : int (default: 0)
+        Seed of the partition and of the per-site train/test split.
+    """
+
+    scheme: Literal["natural", "iid", "dirichlet"] = "natural"
+    sites: int = Field(3, ge=1, le=64)
+    alpha: float = Field(0.5, gt=0)
+    seed: int = 0
+
+
+class ModelConfig(_Section):
+    """Which QANA variant to train, at which input size and width.
+
+    Parameters
+    ----------
+    variant : str (default: "qana-akd1000")
+        One of ``qana-akd1000``, ``qana-akida2``, ``qana-float``.
+    size : int (default: 64)
+        Input side in pixels.
+    width : float (default: 1.0)
+        Channel width multiplier.
+    """
+
+    variant: Literal["qana-akd1000", "qana-akida2", "qana-float"] = "qana-akd1000"
+    size: int = Field(64, ge=8, le=512)
+    width: float = Field(1.0, gt=0, le=4)
+
+
+class RoundsConfig(_Section):
+    """Number of federated rounds per phase.
+
+    Parameters
+    ----------
+    warmup : int (default: 3)
+        Float warm-up rounds.
+    qat : int (default: 2)
+        Quantization-aware training rounds after federated calibration.
+    """
+
+    warmup: int = Field(3, ge=0)
+    qat: int = Field(2, ge=0)
+
+
+class StrategyConfig(_Section):
+    """Server-side aggregation strategy.
+
+    Parameters
+    ----------
+    name : str (default: "fedavg")
+        ``fedavg``, ``fedprox`` or ``fedadam`` (Flower's message-based strategies).
+    proximal-mu : float (default: 0.0)
+        FedProx proximal term weight, applied in each site's local loss.
+    server-lr : float (default: 0.01)
+        FedAdam server learning rate (eta).
+    server-lr-local : float (default: 1.0)
+        FedAdam ``eta_l`` (client learning rate seen by the server update).
+    tau : float (default: 1e-3)
+        FedAdam adaptivity.
+    """
+
+    name: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    proximal_mu: float = Field(0.0, ge=0)
+    server_lr: float = Field(1e-2, gt=0)
+    server_lr_local: float = Field(1.0, gt=0)
+    tau: float = Field(1e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _fedprox_needs_mu(self) -> StrategyConfig:
+        if self.name == "fedprox" and self.proximal_mu <= 0:
+            raise ValueError(
+                f"strategy fedprox needs proximal-mu > 0, got {self.proximal_mu}; "
+                "set e.g. proximal-mu: 0.01"
+            )
+        return self
+
+
+class QuorumConfig(_Section):
+    """How many sites a run and a round need.
+
+    Parameters
+    ----------
+    min-sites : int (default: 2)
+        Sites that must be connected before the run starts.
+    min-replies : int (default: 2)
+        Successful replies a round needs to be aggregated; fewer stops the run.
+    """
+
+    min_sites: int = Field(2, ge=1)
+    min_replies: int = Field(2, ge=1)
+
+
+class TimeoutsConfig(_Section):
+    """Bounded waits, in seconds.
+
+    Parameters
+    ----------
+    connect : float (default: 120)
+        How long to wait for ``min-sites`` sites to connect.
+    round : float (default: 900)
+        How long one round waits for replies before going on with those received.
+    """
+
+    connect: float = Field(120.0, gt=0)
+    round: float = Field(900.0, gt=0)
+
+
+class EdgeConfig(_Section):
+    """On-chip incremental learning at the end of the run (``qana-akd1000`` only).
+
+    Parameters
+    ----------
+    shots : int (default: 5)
+        Local training images per class used for on-chip learning.
+    neurons-per-class : int (default: 4)
+        Akida neurons per class in the learnable layer.
+    """
+
+    shots: int = Field(5, ge=1)
+    neurons_per_class: int = Field(4, ge=1)
+
+
+class FedConfig(_Section):
+    """A federated scenario: data, partition, model, phases, strategy, quorum and timeouts.
+
+    Parameters
+    ----------
+    name : str
+        Scenario name, used in reports.
+    data : str
+        Data set spec (a path, or ``synthetic:n=600,size=32,sites=3,seed=0``).
+    partition, model, rounds, strategy, quorum, timeouts, edge
+        Sections, see their classes.
+    local-epochs : int (default: 1)
+        Local epochs per round.
+    batch-size : int (default: 32)
+        Local batch size.
+    lr : float (default: 1e-3)
+        Local Adam learning rate in warm-up rounds.
+    qat-lr : float (default: 1e-4)
+        Local Adam learning rate in QAT rounds.
+    test-fraction : float (default: 0.2)
+        Fraction of each site's lesions held out for its local test set.
+    calibration-samples : int (default: 256)
+        Training images per site used for federated calibration.
+    balance : str (default: "none")
+        Local class balancing of the training set (``none``, ``oversample``, ``smote``...).
+    augment : bool (default: False)
+        Local training augmentation.
+    metrics-key : str | None (default: None)
+        Coordinator public key (PEM) sites encrypt metrics to; simulations create one.
+    seed : int (default: 0)
+        Run seed: local training is seeded per (seed, round, site).
+    """
+
+    name: str = Field(min_length=1)
+    data: str = Field(min_length=1)
+    partition: PartitionConfig = PartitionConfig()
+    model: ModelConfig = ModelConfig()
+    rounds: RoundsConfig = RoundsConfig()
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    qat_lr: float = Field(1e-4, gt=0)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    calibration_samples: int = Field(256, ge=1)
+    strategy: StrategyConfig = StrategyConfig()
+    quorum: QuorumConfig = QuorumConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    balance: str = "none"
+    augment: bool = False
+    edge: EdgeConfig = EdgeConfig()
+    metrics_key: str | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _quorum_fits(self) -> FedConfig:
+        sites = self.partition.sites
+        if self.quorum.min_sites > sites or self.quorum.min_replies > sites:
+            raise ValueError(
+                f"quorum min-sites={self.quorum.min_sites} / min-replies="
+                f"{self.quorum.min_replies} exceed partition.sites={sites}; lower the quorum "
+                "or add sites"
+            )
+        if self.quorum.min_replies > self.quorum.min_sites:
+            raise ValueError(
+                f"quorum min-replies={self.quorum.min_replies} > min-sites="
+                f"{self.quorum.min_sites}; a round cannot get more replies than sites"
+            )
+        return self
+
+    def dump(self) -> dict[str, Any]:
+        """Return the config as a kebab-case dict (what a YAML file would hold)."""
+        return self.model_dump(by_alias=True, mode="json")
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        received = e.get("input")
+        shown = "" if isinstance(received, dict) else f" (received {received!r})"
+        lines.append(f"{source}: {where}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: Any, source: str = "config") -> FedConfig:
+    """Validate a scenario given as a dict.
+
+    Parameters
+    ----------
+    raw : Any
+        The parsed YAML document.
+    source : str (default: "config")
+        Where it came from, for messages.
+
+    Raises
+    ------
+    ConfigError
+        Naming each bad key, the received value and the allowed values.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{source}: a scenario must be a mapping of keys, got {type(raw).__name__}: {raw!r}",
+            "write `name: ...`, `data: ...` etc. as top-level keys",
+        )
+    try:
+        return FedConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(
+            _describe(err, source),
+            "fix the keys above (kebab-case, e.g. local-epochs); see simulations/demo.yaml "
+            f"for a complete example. Strategies: {', '.join(STRATEGIES)}; "
+            f"variants: {', '.join(VARIANTS)}; partition schemes: {', '.join(SCHEMES)}",
+        ) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> FedConfig:
+    """Read and validate a scenario YAML file.
+
+    Parameters
+    ----------
+    path : str | Path
+        The YAML file.
+    overrides : dict[str, Any] | None (default: None)
+        Top-level keys replacing the file's (e.g. ``{"data": "/path"}`` from ``--data``).
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, is not valid YAML, or fails validation.
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"scenario file {str(p)!r} does not exist", "pass an existing YAML file to --config"
+        )
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(
+            f"scenario file {str(p)!r} is not valid YAML{where}: "
+            f"{getattr(err, 'problem', None) or err}",
+            "check indentation and `key: value` syntax on that line",
+        ) from None
+    if isinstance(raw, dict) and overrides:
+        raw = {**raw, **overrides}
+    return parse_config(raw, source=str(p))

@@ -1,0 +1,324 @@
+"""The round protocol: warm-up → calibration → QAT → finalize, with checkpoints and quorum."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.serverapp import Grid
+
+from common.aggregate import combine_ranges
+from common.checkpoint import Checkpoint, load_latest, save_checkpoint
+from common.errors import SecurityError
+from common.fedconfig import FedConfig
+from common.log import get_logger
+from common.weights import nbytes
+
+from . import protocol as P
+from .global_model import GlobalModel
+from .reports import global_summary
+from .rounds import RoundResult, run_round, wait_for_sites
+from .strategies import (
+    aggregate,
+    load_strategy_state,
+    make_strategy,
+    reset_strategy_state,
+    strategy_state,
+)
+
+log = get_logger("server.driver")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One round of the plan: its 1-based number, message type and index within its phase."""
+
+    number: int
+    message_type: str
+    index: int
+
+    @property
+    def phase(self) -> str:
+        """Phase name (``warmup``, ``calibrate``, ``qat``, ``finalize``)."""
+        return P.PHASE_OF[self.message_type]
+
+
+def plan(cfg: FedConfig) -> list[Step]:
+    """List the run's rounds in order: warm-up, calibration + QAT (quantized variants), finalize."""
+    types = [P.WARMUP] * cfg.rounds.warmup
+    if cfg.model.variant != "qana-float":
+        types += [P.CALIBRATE] + [P.QAT] * cfg.rounds.qat
+    types += [P.FINALIZE]
+    out, per_phase = [], {}
+    for i, t in enumerate(types, start=1):
+        per_phase[t] = per_phase.get(t, 0) + 1
+        out.append(Step(i, t, per_phase[t]))
+    return out
+
+
+class Receiver:
+    """Opens sealed site reports; anything but a valid report for (run, round, site) is refused."""
+
+    def __init__(self, private_key, seen_ids: list[str] | tuple[str, ...] = ()) -> None:
+        from common.metrics_crypto import ReportReceiver
+
+        self._private_key = private_key
+        self.inner = ReportReceiver(private_key, seen_ids=seen_ids)
+
+    def restore(self, seen_ids: list[str]) -> None:
+        """Refuse, after a restart, the reports accepted before it."""
+        from common.metrics_crypto import ReportReceiver
+
+        self.inner = ReportReceiver(self._private_key, seen_ids=seen_ids)
+
+    def seen_ids(self) -> list[str]:
+        """Ids of the reports accepted so far."""
+        return sorted(self.inner.seen_ids())
+
+    def open(self, envelope: object, run_id: str, step: int, site: str) -> dict[str, Any] | None:
+        """Return the decrypted metrics, or None (logged with the reason) if refused."""
+        if not isinstance(envelope, bytes):
+            log.warning("round %d: site %s sent no sealed report; refused", step, site)
+            return None
+        try:
+            return self.inner.open(envelope, run_id=run_id, round=step, site_id=site)
+        except SecurityError as err:
+            log.warning(
+                "round %d: report from site %s refused: %s (%s)",
+                step, site, type(err).__name__, err.problem,
+            )
+            return None
+
+
+class FederatedRun:
+    """Drive one federated run over a Flower grid.
+
+    Parameters
+    ----------
+    grid : Grid
+        The ServerApp's grid.
+    cfg : FedConfig
+        The scenario.
+    model_factory : Callable[[FedConfig, list[str]], GlobalModel]
+        Builds the server-side model operations once the sites told the class names.
+    receiver : Receiver
+        Opens the sites' sealed metrics.
+    out_dir : Path
+        Where checkpoints, the report and the model go.
+    resume : bool (default: False)
+        Continue from the last complete round in ``out_dir/checkpoints``.
+    stop_after : int | None (default: None)
+        Stop (as if interrupted) after this many complete rounds; for tests and drills.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        cfg: FedConfig,
+        model_factory: Callable[[FedConfig, list[str]], GlobalModel],
+        receiver: Receiver,
+        out_dir: Path,
+        resume: bool = False,
+        stop_after: int | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.grid = grid
+        self.cfg = cfg
+        self.model_factory = model_factory
+        self.model: GlobalModel | None = None
+        self.class_names: list[str] = []
+        self.receiver = receiver
+        self.out_dir = Path(out_dir)
+        self.resume = resume
+        self.stop_after = stop_after
+        self.on_event = on_event
+        self.strategy = make_strategy(cfg.strategy)
+        self.sites: dict[int, str] = {}
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.progress_file = self.out_dir / "progress.jsonl"
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def _event(self, **event: Any) -> None:
+        event["time"] = time.time()
+        with open(self.progress_file, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(event) + "\n")
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def _label(self, node: int) -> str:
+        return self.sites.get(node, f"node-{node}")
+
+    def _fresh_state(self) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
+        state = {
+            "run-id": uuid.uuid4().hex,
+            "scenario": self.cfg.dump(),
+            "step": 0,
+            "rounds": [],
+            "sites": {},
+            "seen-ids": [],
+            "seed": self.cfg.seed,
+            "phase-seconds": {},
+        }
+        return None, state
+
+    def _restore(self) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
+        ckpt = load_latest(self.ckpt_dir)
+        if ckpt is None:
+            log.info("no checkpoint in %s: starting a new run", self.ckpt_dir)
+            return self._fresh_state()
+        if ckpt.state.get("scenario") != self.cfg.dump():
+            from common.errors import ConfigError
+
+            raise ConfigError(
+                f"checkpoint in {self.ckpt_dir} was made with a different scenario",
+                "resume with the same scenario file and --data, or use a new --out folder",
+            )
+        load_strategy_state(self.strategy, ckpt.groups)
+        self.receiver.restore(ckpt.state.get("seen-ids", []))
+        log.info("resuming run %s after round %d", ckpt.state["run-id"], ckpt.step)
+        return ckpt.arrays, ckpt.state
+
+    def _checkpoint(self, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> None:
+        state["seen-ids"] = self.receiver.seen_ids()
+        save_checkpoint(
+            self.ckpt_dir,
+            Checkpoint(step=state["step"], arrays=arrays, groups=strategy_state(self.strategy),
+                       state=state),
+        )
+
+    # -- protocol --------------------------------------------------------------------------------
+    def _config(self, state: dict[str, Any], step: int, phase: str) -> dict[str, Any]:
+        cfg = self.cfg
+        lr = cfg.qat_lr if phase == "qat" else cfg.lr
+        return {
+            "run-id": state["run-id"],
+            "server-round": step,
+            "phase": phase,
+            "scenario": json.dumps(state["scenario"]),
+            "seed": int(cfg.seed),
+            "lr": float(lr),
+            "local-epochs": int(cfg.local_epochs),
+            "proximal-mu": float(getattr(self.strategy, "proximal_mu", 0.0)),
+        }
+
+    def _open_reports(
+        self, result: RoundResult, state: dict[str, Any], step: int
+    ) -> dict[str, dict[str, Any]]:
+        reports = {}
+        for node, msg in sorted(result.replies.items()):
+            site = self._label(node)
+            sealed = msg.content.config_records.get(P.REPORT)
+            claimed = sealed.get(P.SITE_ID) if sealed is not None else None
+            if claimed != site:
+                log.warning("round %d: node %d claims site %r, known as %r; report refused",
+                            step, node, claimed, site)
+                continue
+            metrics = self.receiver.open(sealed.get(P.ENVELOPE), state["run-id"], step, site)
+            if metrics is not None:
+                reports[site] = metrics
+        return reports
+
+    def _hello(self, nodes: list[int], state: dict[str, Any]) -> list[int]:
+        contents = {n: P.request_content(None, self._config(state, 0, "hello")) for n in nodes}
+        # Saying hello is part of connecting: a site's first message may start its process
+        # (and TensorFlow), so it gets the connect timeout, not the round timeout.
+        timeout = max(self.cfg.timeouts.connect, self.cfg.timeouts.round)
+        result = run_round(self.grid, contents, P.HELLO, timeout, self.cfg.quorum.min_replies,
+                           what="hello")
+        for node, msg in result.replies.items():
+            self.sites[node] = str(msg.content.config_records[P.REPORT][P.SITE_ID])
+        dup = {s for s in self.sites.values() if list(self.sites.values()).count(s) > 1}
+        if dup:
+            raise SecurityError(f"several nodes claim site id(s) {sorted(dup)}",
+                                "give every SuperNode a distinct site-id in its node config")
+        for site, metrics in self._open_reports(result, state, 0).items():
+            state["sites"][site] = metrics
+        names = {tuple(m.get("class_names", ())) for m in state["sites"].values()}
+        if len(names) != 1 or not next(iter(names)):
+            raise SecurityError(
+                f"sites disagree on (or did not report) the class vocabulary: {sorted(names)}",
+                "every site must load data with the same class names",
+            )
+        self.class_names = list(next(iter(names)))
+        return sorted(result.replies)
+
+    def run(self) -> dict[str, Any]:
+        """Run (or resume) the plan; return the report."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        arrays, state = self._restore() if self.resume else self._fresh_state()
+        steps = plan(self.cfg)
+        self._event(event="start", run_id=state["run-id"], total=len(steps), done=state["step"])
+        nodes = wait_for_sites(self.grid, self.cfg.quorum.min_sites, self.cfg.timeouts.connect,
+                               settle=min(2.0, self.cfg.timeouts.connect / 4))
+        nodes = self._hello(nodes, state)
+        self._event(event="sites", sites=[self.sites[n] for n in nodes])
+        self.model = self.model_factory(self.cfg, self.class_names)
+        if arrays is None:
+            arrays = self.model.initial_arrays()
+        for step in steps[state["step"]:]:
+            if self.stop_after is not None and state["step"] >= self.stop_after:
+                log.info("stopping after round %d as asked", state["step"])
+                return state
+            arrays = self._round(step, nodes, arrays, state)
+            state["step"] = step.number
+            self._checkpoint(arrays, state)
+        self._event(event="done", run_id=state["run-id"])
+        return state
+
+    def _round(
+        self, step: Step, nodes: list[int], arrays: dict[str, np.ndarray], state: dict[str, Any]
+    ) -> dict[str, np.ndarray]:
+        what = f"round {step.number} ({step.phase} {step.index})"
+        self._event(event="round-start", step=step.number, phase=step.phase, index=step.index)
+        start = time.monotonic()
+        config = self._config(state, step.number, step.phase)
+        server_hash = None
+        if step.phase == "finalize":
+            server_hash = self.model.finalize(arrays, self.out_dir)
+            config["server-hash"] = server_hash or ""
+        contents = {n: P.request_content(arrays, config) for n in nodes}
+        result = run_round(self.grid, contents, step.message_type, self.cfg.timeouts.round,
+                           self.cfg.quorum.min_replies, label=self._label, what=what)
+        # Sum in site order: float addition order must not depend on (random) node ids.
+        replies = [result.replies[n] for n in sorted(result.replies, key=self._label)]
+        received = sum(P.record_nbytes(m.content) for m in replies)
+        if step.phase in ("warmup", "qat"):
+            arrays = {**arrays, **aggregate(self.strategy, step.number, replies, arrays)}
+        elif step.phase == "calibrate":
+            ranges = combine_ranges([P.from_record(m.content[P.ARRAYS]) for m in replies])
+            arrays = self.model.quantize(arrays, ranges)
+            reset_strategy_state(self.strategy)
+        reports = self._open_reports(result, state, step.number)
+        if server_hash is not None:
+            for site, rep in reports.items():
+                rep["hash_matches"] = rep.get("akida_hash") == server_hash
+                if not rep["hash_matches"]:
+                    log.warning("site %s converted a different Akida model (%s != %s)",
+                                site, rep.get("akida_hash"), server_hash)
+        seconds = time.monotonic() - start
+        entry = {
+            "step": step.number,
+            "phase": step.phase,
+            "index": step.index,
+            "seconds": round(seconds, 2),
+            "bytes_sent": nbytes(arrays) * len(nodes) if step.phase != "finalize" else 0,
+            "bytes_received": received,
+            "sites": reports,
+            "dropped": {self._label(n): why for n, why in result.failures.items()},
+            "global": global_summary(reports),
+        }
+        if server_hash is not None:
+            entry["server_hash"] = server_hash
+        state["rounds"].append(entry)
+        phase_seconds = state["phase-seconds"]
+        phase_seconds[step.phase] = round(phase_seconds.get(step.phase, 0.0) + seconds, 2)
+        self._event(event="round-end", step=step.number, phase=step.phase,
+                    seconds=round(seconds, 2), replies=len(replies), dropped=len(result.failures),
+                    summary=entry["global"])
+        return arrays

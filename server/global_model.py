@@ -1,0 +1,82 @@
+"""The coordinator's side of the model: initial weights, the one quantized model, its Akida hash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from common.fedconfig import FedConfig
+
+
+class GlobalModel(Protocol):
+    """What the driver needs from the model code; plain numpy in and out, no Flower."""
+
+    def initial_arrays(self) -> dict[str, np.ndarray]:
+        """Float model arrays every site starts from (seeded by the run seed)."""
+        ...
+
+    def quantize(
+        self, float_arrays: dict[str, np.ndarray], ranges: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Build the ONE global quantized model from float weights and combined ranges."""
+        ...
+
+    def finalize(self, arrays: dict[str, np.ndarray], out_dir: Path) -> str | None:
+        """Convert the global model to Akida, save it in ``out_dir``; return its hash."""
+        ...
+
+
+class QanaGlobalModel:
+    """:class:`GlobalModel` for the QANA variants, on the shared model/quantize/convert code.
+
+    Parameters
+    ----------
+    cfg : FedConfig
+        The scenario (variant, size, width, seed).
+    num_classes : int
+        Output classes of the data set.
+    """
+
+    def __init__(self, cfg: FedConfig, num_classes: int) -> None:
+        self.cfg = cfg
+        self.num_classes = num_classes
+
+    def _float_model(self):
+        from common.site import build_float_model
+
+        return build_float_model(self.cfg, self.num_classes)
+
+    def initial_arrays(self) -> dict[str, np.ndarray]:
+        """Float arrays of a freshly built, seeded model."""
+        import tf_keras as keras
+
+        from common.aggregate import EXCHANGED
+        from common.weights import get_arrays
+
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(self.cfg.seed)
+        return get_arrays(self._float_model(), EXCHANGED["warmup"])
+
+    def quantize(
+        self, float_arrays: dict[str, np.ndarray], ranges: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Quantize the global float model, then apply the sites' combined ranges."""
+        from common.site import quantized_from_ranges
+        from common.weights import BN_STATS, QUANTIZER, TRAINABLE, get_arrays
+
+        qmodel = quantized_from_ranges(self.cfg, self.num_classes, float_arrays, ranges)
+        return get_arrays(qmodel, (TRAINABLE, BN_STATS, QUANTIZER))
+
+    def finalize(self, arrays: dict[str, np.ndarray], out_dir: Path) -> str | None:
+        """Convert to Akida, save ``global_model.fbz``, return the Akida model hash."""
+        from common.site import akida_from_arrays
+
+        akida_model, digest = akida_from_arrays(self.cfg, self.num_classes, arrays)
+        if akida_model is None:
+            return None
+        from common.convert import save_akida
+
+        save_akida(akida_model, Path(out_dir) / "global_model.fbz")
+        return digest

@@ -1,0 +1,118 @@
+"""Combine the sites' decrypted metrics into global numbers, and write the run report."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+SCORES = ("accuracy", "balanced_accuracy", "macro_f1")
+#: Evaluation blocks a site may report, in report order.
+BLOCKS = ("test", "akida", "akida_after_edge")
+
+
+def _weighted(values: list[tuple[float, float]]) -> float | None:
+    total = sum(w for _, w in values)
+    return None if total <= 0 else float(sum(v * w for v, w in values) / total)
+
+
+def global_summary(reports: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
+    """Example-weighted means over sites of each evaluation block's scores and of the losses.
+
+    Parameters
+    ----------
+    reports : Mapping[str, Mapping[str, Any]]
+        Site id → decrypted metrics, e.g. ``{"train_loss": .., "test": {"balanced_accuracy":
+        .., "num_examples": ..}, "akida": {...}}``.
+
+    Returns
+    -------
+    dict[str, float | None]
+        Keys like ``test.balanced_accuracy``, ``akida.macro_f1``, ``train_loss``.
+    """
+    out: dict[str, float | None] = {}
+    for block in BLOCKS:
+        for score in (*SCORES, "loss"):
+            pairs = [
+                (float(r[block][score]), float(r[block].get("num_examples", 1)))
+                for r in reports.values()
+                if isinstance(r.get(block), Mapping) and r[block].get(score) is not None
+            ]
+            if pairs:
+                out[f"{block}.{score}"] = _weighted(pairs)
+    pairs = [(float(r["train_loss"]), float(r.get("train_examples", 1)))
+             for r in reports.values() if r.get("train_loss") is not None]
+    if pairs:
+        out["train_loss"] = _weighted(pairs)
+    return out
+
+
+def build_report(state: Mapping[str, Any], wall_seconds: float | None = None) -> dict[str, Any]:
+    """Build the JSON report of a run from the driver's state (no keys, no per-image data)."""
+    final = next((r for r in reversed(state.get("rounds", [])) if r["phase"] == "finalize"), None)
+    return {
+        "run_id": state.get("run-id"),
+        "scenario": state.get("scenario"),
+        "complete": final is not None,
+        "sites": state.get("sites", {}),
+        "rounds": state.get("rounds", []),
+        "final": final,
+        "phase_seconds": state.get("phase-seconds", {}),
+        "wall_seconds": wall_seconds,
+    }
+
+
+def _fmt(x: Any) -> str:
+    return "–" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def report_markdown(report: Mapping[str, Any]) -> str:
+    """Render a human-readable summary of :func:`build_report`'s output."""
+    sc = report.get("scenario") or {}
+    lines = [f"# Federated run {sc.get('name', '')}", "",
+             f"- run id: `{report.get('run_id')}`",
+             f"- data: `{sc.get('data')}`; variant {sc.get('model', {}).get('variant')}, "
+             f"{sc.get('model', {}).get('size')} px; strategy {sc.get('strategy', {}).get('name')}",
+             f"- complete: {report.get('complete')}; "
+             f"wall time: {_fmt(report.get('wall_seconds'))} s",
+             f"- time per phase (s): {json.dumps(report.get('phase_seconds', {}))}", "",
+             "## Rounds", "",
+             "| round | phase | site | loss | bal. acc. | macro F1 | bytes sent | bytes recv | s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report.get("rounds", []):
+        if r["phase"] == "finalize":
+            continue
+        g = r.get("global", {})
+        lines.append(
+            f"| {r['step']} | {r['phase']} | **global** | {_fmt(g.get('test.loss'))} | "
+            f"{_fmt(g.get('test.balanced_accuracy'))} | {_fmt(g.get('test.macro_f1'))} | "
+            f"{r['bytes_sent']} | {r['bytes_received']} | {r['seconds']} |")
+        for site, m in sorted(r.get("sites", {}).items()):
+            t = m.get("test") or {}
+            lines.append(f"| | | {site} | {_fmt(t.get('loss'))} | "
+                         f"{_fmt(t.get('balanced_accuracy'))} | {_fmt(t.get('macro_f1'))} | | | |")
+        for site, why in r.get("dropped", {}).items():
+            lines.append(f"| | | {site} | dropped: {why} | | | | | |")
+    final = report.get("final")
+    if final:
+        lines += ["", "## Final Akida model per site", "",
+                  f"Server Akida model hash: `{final.get('server_hash')}`", "",
+                  "| site | hash matches | Akida bal. acc. | Akida macro F1 | after on-chip "
+                  "learning bal. acc. | after macro F1 |", "|---|---|---|---|---|---|"]
+        for site, m in sorted(final.get("sites", {}).items()):
+            a, e = m.get("akida") or {}, m.get("akida_after_edge") or {}
+            lines.append(f"| {site} | {m.get('hash_matches')} | {_fmt(a.get('balanced_accuracy'))}"
+                         f" | {_fmt(a.get('macro_f1'))} | {_fmt(e.get('balanced_accuracy'))} | "
+                         f"{_fmt(e.get('macro_f1'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: str | Path, report: Mapping[str, Any]) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    j, m = out / "report.json", out / "report.md"
+    j.write_text(json.dumps(report, indent=1, default=str))
+    m.write_text(report_markdown(report))
+    return j, m

@@ -1,0 +1,190 @@
+"""The round-protocol driver on a real Flower Simulation with a tiny numpy 'model' per site.
+
+The site work here is a deterministic toy (seeded noise steps) so that the driver itself —
+phases, aggregation through Flower strategies, sealed reports, checkpoints, quorum and
+timeouts — is what is tested, in seconds rather than minutes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+import ray.cloudpickle  # noqa: E402
+
+from client.client_app import SitePhases, make_client_app  # noqa: E402
+from common.checkpoint import load_latest  # noqa: E402
+from common.fedconfig import FedConfig, parse_config  # noqa: E402
+from common.metrics_crypto import save_metrics_keypair  # noqa: E402
+from common.site import site_seed  # noqa: E402
+from server.rounds import QuorumError  # noqa: E402
+from server.server_app import make_server_app  # noqa: E402
+from server.simulation import simulate  # noqa: E402
+
+# Ray workers cannot import this test module by name: ship its functions by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+STALL_SECONDS = 8.0
+
+
+@dataclass(frozen=True)
+class ToySite:
+    site_id: str
+    pid: int
+    class_names: tuple[str, ...] = ("a", "b")
+
+
+def _load(context, cfg):
+    pid = int(context.node_config["partition-id"])
+    return ToySite(f"site-{pid}", pid)
+
+
+def _hello(cfg, data, arrays, config):
+    return None, 10 * (data.pid + 1), {"class_names": list(data.class_names)}
+
+
+def _train(cfg, data, arrays, config):
+    step = int(config["server-round"])
+    if cfg.name == "stall" and data.pid == 2 and config["phase"] == "warmup":
+        time.sleep(STALL_SECONDS)
+    rng = np.random.default_rng(site_seed(cfg.seed, step, data.site_id))
+    out = {k: (v + float(config["lr"]) * rng.normal(size=v.shape)).astype(v.dtype)
+           for k, v in arrays.items() if not k.startswith("act/")}
+    score = float(rng.uniform())
+    return out, 10 * (data.pid + 1), {
+        "train_loss": 1.0 - score, "train_examples": 10 * (data.pid + 1),
+        "test": {"balanced_accuracy": score, "macro_f1": score, "num_examples": 5},
+    }
+
+
+def _calibrate(cfg, data, arrays, config):
+    ranges = {"act/output_quantizer/range_max": np.full(2, data.pid + 1.0, np.float32),
+              "act/output_quantizer/rescaling_rate": np.ones(2, np.float32)}
+    return ranges, 5, {"calibration_examples": 5}
+
+
+def _finalize(cfg, data, arrays, config):
+    digest = hashlib.sha256(b"".join(np.asarray(arrays[k]).tobytes() for k in sorted(arrays)))
+    return None, 5, {"akida_hash": digest.hexdigest()}
+
+
+TOY_PHASES = SitePhases(_load, _hello, _train, _calibrate, _train, _finalize)
+
+
+class ToyModel:
+    def __init__(self, cfg: FedConfig, class_names: list[str]) -> None:
+        self.cfg = cfg
+
+    def initial_arrays(self):
+        return {"w": np.zeros(3, np.float32), "bn/moving_mean": np.ones(2, np.float32)}
+
+    def quantize(self, float_arrays, ranges):
+        return {**float_arrays, **ranges}
+
+    def finalize(self, arrays, out_dir):
+        digest = hashlib.sha256(b"".join(np.asarray(arrays[k]).tobytes() for k in sorted(arrays)))
+        return digest.hexdigest()
+
+
+def _scenario(tmp_path: Path, **changes) -> FedConfig:
+    pub = tmp_path / "keys" / "metrics.pub"
+    save_metrics_keypair(tmp_path / "keys" / "metrics.key", pub, overwrite=True)
+    raw = {
+        "name": "toy", "data": "toy", "partition": {"scheme": "iid", "sites": 3},
+        "rounds": {"warmup": 2, "qat": 2}, "lr": 0.1,
+        "strategy": {"name": "fedadam", "server-lr": 0.05},
+        "quorum": {"min-sites": 3, "min-replies": 3},
+        "timeouts": {"connect": 20, "round": 60}, "metrics-key": str(pub), "seed": 7,
+    }
+    for key, value in changes.items():
+        raw[key] = value
+    return parse_config(raw)
+
+
+def _run(cfg: FedConfig, out: Path, keys: Path, sites: int = 3, **settings) -> None:
+    server = make_server_app(
+        {"scenario-config": cfg, "out-dir": str(out),
+         "metrics-private-key": str(keys / "metrics.key"), **settings},
+        model_factory=ToyModel,
+    )
+    simulate(server, make_client_app(TOY_PHASES), num_sites=sites, parallel=sites)
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
+    # Prepare
+    cfg = _scenario(tmp_path)
+    keys = tmp_path / "keys"
+
+    # Execute: one full run; one stopped after 3 rounds (mid-warm-up... calibration) then resumed
+    _run(cfg, tmp_path / "full", keys)
+    _run(cfg, tmp_path / "split", keys, **{"stop-after": 3})
+    stopped = load_latest(tmp_path / "split" / "checkpoints")
+    _run(cfg, tmp_path / "split", keys, resume=True)
+
+    # Assert
+    full = load_latest(tmp_path / "full" / "checkpoints")
+    split = load_latest(tmp_path / "split" / "checkpoints")
+    assert stopped.step == 3
+    assert full.step == split.step == 6  # 2 warm-up + calibration + 2 QAT + finalize
+    assert full.arrays.keys() == split.arrays.keys()
+    for key in full.arrays:
+        np.testing.assert_array_equal(full.arrays[key], split.arrays[key])
+    assert not np.allclose(full.arrays["w"], 0)  # training moved the weights
+    # combined calibration rule: per-channel max over the sites' ranges (1, 2, 3)
+    np.testing.assert_array_equal(full.arrays["act/output_quantizer/range_max"], [3.0, 3.0])
+    # FedAdam server state was checkpointed and restored
+    assert set(full.groups) == {"m_t", "v_t"}
+    for key in full.groups["m_t"]:
+        np.testing.assert_array_equal(full.groups["m_t"][key], split.groups["m_t"][key])
+    # decrypted metrics reached the report; the finalize hashes matched the server's
+    final = full.state["rounds"][-1]
+    assert final["phase"] == "finalize"
+    assert sorted(final["sites"]) == ["site-0", "site-1", "site-2"]
+    assert all(rep["hash_matches"] for rep in final["sites"].values())
+    warm = full.state["rounds"][0]
+    assert set(warm["sites"]) == {"site-0", "site-1", "site-2"}
+    assert 0.0 <= warm["global"]["test.balanced_accuracy"] <= 1.0
+    assert (tmp_path / "full" / "report.json").is_file()
+
+
+def test_a_site_that_never_answers_is_dropped_within_the_round_timeout(tmp_path):
+    # Prepare: site 2 sleeps longer than the round timeout in every warm-up round
+    cfg = _scenario(tmp_path, name="stall", rounds={"warmup": 1, "qat": 0},
+                    strategy={"name": "fedavg"}, quorum={"min-sites": 3, "min-replies": 2},
+                    timeouts={"connect": 90, "round": 3})
+
+    # Execute
+    start = time.monotonic()
+    _run(cfg, tmp_path / "out", tmp_path / "keys")
+    elapsed = time.monotonic() - start
+
+    # Assert
+    state = load_latest(tmp_path / "out" / "checkpoints").state
+    warm = state["rounds"][0]
+    assert warm["phase"] == "warmup"
+    assert set(warm["sites"]) == {"site-0", "site-1"}
+    assert "site-2" in warm["dropped"] and "no reply within 3 s" in warm["dropped"]["site-2"]
+    assert warm["seconds"] < 3 + 2.5
+    assert elapsed < 90
+
+
+def test_too_few_sites_stops_with_a_clear_message(tmp_path):
+    # Prepare: the scenario needs 4 sites, only 3 SuperNodes run
+    cfg = _scenario(tmp_path, partition={"scheme": "iid", "sites": 4},
+                    quorum={"min-sites": 4, "min-replies": 2},
+                    timeouts={"connect": 2, "round": 10})
+
+    # Execute / Assert
+    start = time.monotonic()
+    with pytest.raises(QuorumError, match=r"only 3 site\(s\) connected after 2 s"):
+        _run(cfg, tmp_path / "out", tmp_path / "keys")
+    assert time.monotonic() - start < 60
