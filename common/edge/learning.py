@@ -322,6 +322,9 @@ def save_model_atomic(model: akida.Model, path: str | Path) -> Path:
     os.close(fd)
     try:
         model.save(tmp)
+        umask = os.umask(0)  # mkstemp made it 0600; a model file is not a secret
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
