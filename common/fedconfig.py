@@ -19,7 +19,7 @@ def _kebab(name: str) -> str:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", alias_generator=_kebab, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", alias_generator=_kebab)
 
 
 class PartitionConfig(_Section):
@@ -178,7 +178,7 @@ class FedConfig(_Section):
     calibration-samples : int (default: 256)
         Training images per site used for federated calibration.
     balance : str (default: "none")
-        Local class balancing of the training set (``none``, ``oversample``, ``smote``...).
+        Local class balancing of the training split (``none``, ``oversample``, ``smote``).
     augment : bool (default: False)
         Local training augmentation.
     metrics-key : str | None (default: None)
@@ -201,7 +201,7 @@ class FedConfig(_Section):
     strategy: StrategyConfig = StrategyConfig()
     quorum: QuorumConfig = QuorumConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
-    balance: str = "none"
+    balance: Literal["none", "oversample", "smote"] = "none"
     augment: bool = False
     edge: EdgeConfig = EdgeConfig()
     metrics_key: str | None = None
