@@ -122,6 +122,69 @@ def test_split_prints_a_table_per_split(ham_many, tmp_path):
     assert (tmp_path / "s.json").is_file()
 
 
+def test_partition_natural_uses_the_dataset_sites(ham_many):
+    # Prepare
+    from common.loaders import load_dataset
+
+    ds = load_dataset(ham_many)
+    pairs = Counter(zip(ds.sites.tolist(), ds.labels.tolist(), strict=True))
+    expected = {
+        site: {name: pairs[(site, k)] for k, name in enumerate(ds.class_names)}
+        for site in ds.site_counts()
+    }
+
+    # Execute
+    result = run("partition", str(ham_many), "--json")
+
+    # Assert
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["scheme"] == "natural" and report["num_sites"] == 3
+    assert report["sites"] == expected
+    assert report["sizes"] == ds.site_counts()
+
+
+def test_partition_dirichlet_covers_every_image_once_per_class(ham_many):
+    # Prepare
+    from common.loaders import load_dataset
+
+    ds = load_dataset(ham_many)
+
+    # Execute
+    result = run(
+        "partition",
+        str(ham_many),
+        "--scheme",
+        "dirichlet",
+        "--sites",
+        "4",
+        "--alpha",
+        "0.3",
+        "--seed",
+        "2",
+        "--json",
+    )
+    table = run("partition", str(ham_many), "--scheme", "iid", "--sites", "2")
+
+    # Assert
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["num_sites"] == 4 and sum(report["sizes"].values()) == 60
+    for cls, n in ds.class_counts().items():
+        assert sum(site[cls] for site in report["sites"].values()) == n
+    assert table.exit_code == 0, table.output
+    assert "Images per site and class (iid, 2 sites)" in table.stderr
+
+
+def test_partition_iid_without_sites_is_a_usage_error(ham_many):
+    # Execute
+    result = run("partition", str(ham_many), "--scheme", "iid")
+
+    # Assert
+    assert result.exit_code == 2
+    assert "needs --sites" in result.stderr
+
+
 def test_inspect_json_counts_images_lesions_classes_sites_and_quality_drops(ham):
     # Execute
     result = run("inspect", str(ham), "--json")

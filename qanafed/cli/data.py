@@ -251,9 +251,10 @@ def partition(
     PATH is any dataset 'qanafed data inspect' reads.
     """
     from common.partition import partition as make_partition
-
     from qanafed.cli._common import console, print_json
 
+    if scheme is not Scheme.natural and sites is None:
+        raise typer.BadParameter(f"--scheme {scheme.value} needs --sites N", param_hint="--sites")
     ds = _load(path, fmt, extra_classes)
     parts = make_partition(ds, scheme=scheme.value, num_sites=sites, alpha=alpha, seed=seed)
     counts = _per_class(ds, parts)
