@@ -133,8 +133,12 @@ def test_map_refuses_wrong_akida_version(ak_v1, tmp_path: Path) -> None:
     keras.utils.set_random_seed(0)
     x, _ = textures(4, OLD, seed=1)
     with set_akida_version(AkidaVersion.v2):
-        qmodel = quantize(_tiny_keras(3, spike=False), qparams=QuantizationParams(per_tensor_activations=True),
-                          samples=x.astype("float32"), num_samples=len(x))
+        qmodel = quantize(
+            _tiny_keras(3, spike=False),
+            qparams=QuantizationParams(per_tensor_activations=True),
+            samples=x.astype("float32"),
+            num_samples=len(x),
+        )
         ak_v2 = convert(qmodel)
 
     # Execute / Assert
