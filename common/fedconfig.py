@@ -54,11 +54,14 @@ class ModelConfig(_Section):
         Input side in pixels.
     width : float (default: 1.0)
         Channel width multiplier.
+    depth : int | None (default: None)
+        Ghost blocks per stage; None keeps the variant's stage table.
     """
 
     variant: Literal["qana-akd1000", "qana-akida2", "qana-float"] = "qana-akd1000"
     size: int = Field(64, ge=8, le=512)
     width: float = Field(1.0, gt=0, le=4)
+    depth: int | None = Field(None, ge=1, le=8)
 
 
 class RoundsConfig(_Section):

@@ -61,7 +61,8 @@ def _lesion_split(ds, test_fraction: float, seed: int) -> tuple[np.ndarray, np.n
     """Split indices by lesion id, so images of one lesion never land on both sides."""
     from .splits import grouped_split
 
-    return grouped_split(ds, test_fraction=test_fraction, seed=seed)
+    split = grouped_split(ds, val=0.0, test=test_fraction, seed=seed)
+    return np.sort(np.concatenate([split.train, split.val])), np.asarray(split.test)
 
 
 @lru_cache(maxsize=4)
@@ -143,7 +144,7 @@ def build_float_model(cfg: FedConfig, num_classes: int):
     from .models import create_model
 
     return create_model(cfg.model.variant, input_size=cfg.model.size, num_classes=num_classes,
-                        width=cfg.model.width)
+                        width=cfg.model.width, depth=cfg.model.depth, seed=cfg.seed)
 
 
 def _quantize(cfg: FedConfig, model, samples: np.ndarray):
@@ -356,8 +357,9 @@ def finalize(
     qmodel = quantized_model_from(cfg, num_classes, arrays)
     keras_q = evaluate(qmodel, data.x_test, data.y_test, data.class_names)
     akida_model, digest = akida_from_arrays(cfg, num_classes, arrays)
-    x_test = data.x_test.astype(np.uint8)
-    pred = _akida_predict(akida_model, x_test)
+    from .train import predict_akida
+
+    pred = predict_akida(akida_model, data.x_test.astype(np.uint8))
     report: dict[str, Any] = {
         "akida_hash": digest,
         "hash_matches_server": digest == server_hash,
@@ -366,13 +368,14 @@ def finalize(
         "akida_after_edge": None,
     }
     if cfg.model.variant == "qana-akd1000":
-        report["akida_after_edge"] = _edge_learning(cfg, data, akida_model, seed)
+        from .errors import QanafedError
+
+        try:
+            report["akida_after_edge"] = _edge_learning(cfg, data, akida_model, seed)
+        except QanafedError as err:  # e.g. an undertrained backbone emits no spikes
+            log.warning("site %s: on-chip learning skipped: %s", data.site_id, err.problem)
+            report["akida_after_edge"] = {"error": err.problem}
     return len(data.y_train), report
-
-
-def _akida_predict(akida_model, x: np.ndarray) -> np.ndarray:
-    out = np.asarray(akida_model.predict(x))
-    return out.reshape(len(x), -1).argmax(axis=-1)
 
 
 def _edge_learning(cfg: FedConfig, data: SiteData, akida_model, seed: int) -> dict[str, Any]:
@@ -387,12 +390,11 @@ def _edge_learning(cfg: FedConfig, data: SiteData, akida_model, seed: int) -> di
         if len(idx):
             picks.extend(rng.choice(idx, size=min(cfg.edge.shots, len(idx)), replace=False))
     picks = np.sort(np.asarray(picks, dtype=np.int64))
+    shots = data.x_train[picks].astype(np.uint8)
     learner = edge.prepare_edge_learning(
-        akida_model, num_classes=len(data.class_names),
-        neurons_per_class=cfg.edge.neurons_per_class,
-        samples=data.x_train[picks].astype(np.uint8),
+        akida_model, len(data.class_names), shots, neurons_per_class=cfg.edge.neurons_per_class
     )
-    edge.learn(learner, data.x_train[picks].astype(np.uint8), data.y_train[picks])
+    edge.learn(learner, shots, data.y_train[picks], seed=seed)
     pred = edge.predict_classes(learner, data.x_test.astype(np.uint8), len(data.class_names))
     metrics = classification_metrics(data.y_test, pred, data.class_names)
     metrics["shots"] = int(len(picks))

@@ -24,7 +24,7 @@ def test_shipped_scenarios_are_valid(name):
 
 def test_demo_is_small():
     cfg = load_config(ROOT / "simulations" / "demo.yaml")
-    assert cfg.data.startswith("synthetic:") and cfg.model.size <= 32
+    assert cfg.data.startswith("synthetic:") and cfg.model.size <= 48
     assert cfg.partition.sites == 3
 
 

@@ -1,0 +1,126 @@
+"""``qanafed sim``: run a scenario on Flower's Simulation Engine with live progress and a report."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from qanafed.cli._common import console
+
+
+def _keys(out: Path, metrics_key: Path | None) -> tuple[Path, Path]:
+    """Coordinator metrics key pair: the given private key, the run's own, or a new one."""
+    from cryptography.hazmat.primitives import serialization
+
+    from common.keyfiles import write_public
+    from common.metrics_crypto import load_metrics_private_key, save_metrics_keypair
+
+    keys = out / "keys"
+    public = keys / "metrics.pub"
+    if metrics_key is not None:
+        pub = load_metrics_private_key(metrics_key).public_key()
+        write_public(public, pub.public_bytes(serialization.Encoding.PEM,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo),
+                     overwrite=True)
+        return metrics_key, public
+    private = keys / "metrics.key"
+    if not private.is_file():
+        save_metrics_keypair(private, public, overwrite=True)
+    return private, public
+
+
+def _follow(path: Path, stop: threading.Event, total_hint: int) -> None:
+    """Show the driver's progress events (``progress.jsonl``) as a rich progress bar."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    offset = path.stat().st_size if path.exists() else 0
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+                  "{task.total} rounds"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("waiting for sites", total=total_hint)
+        while not stop.is_set():
+            if path.exists():
+                with open(path, encoding="utf-8") as fh:
+                    fh.seek(offset)
+                    lines = fh.readlines()
+                    offset = fh.tell()
+                for line in lines:
+                    ev = json.loads(line)
+                    kind = ev.get("event")
+                    if kind == "start":
+                        bar.update(task, total=ev["total"], completed=ev["done"])
+                    elif kind == "sites":
+                        bar.update(task, description=f"sites: {', '.join(ev['sites'])}")
+                    elif kind == "round-start":
+                        bar.update(task, description=f"round {ev['step']}: {ev['phase']} "
+                                   f"{ev['index']}")
+                    elif kind == "round-end":
+                        bar.advance(task)
+                        s = ev.get("summary") or {}
+                        ba = s.get("test.balanced_accuracy") or s.get("akida.balanced_accuracy")
+                        console.log(f"round {ev['step']} {ev['phase']}: {ev['replies']} replies, "
+                                    f"{ev['dropped']} dropped, {ev['seconds']} s"
+                                    + (f", bal. acc. {ba:.3f}" if ba is not None else ""))
+            time.sleep(0.5)
+
+
+def sim(
+    config: Annotated[Path, typer.Option(
+        "--config", "-c", exists=True, dir_okay=False,
+        help="Scenario YAML, e.g. simulations/demo.yaml.")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="Run folder (report, plots, model, checkpoints).")],
+    data: Annotated[str | None, typer.Option(
+        "--data", help="Data path or spec replacing the scenario's `data`.")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue from the last complete round in OUT/checkpoints.")] = False,
+    parallel: Annotated[int | None, typer.Option(
+        "--parallel", min=1, help="Sites trained at once (each ~1 GB RAM); default: all.")] = None,
+    metrics_key: Annotated[Path | None, typer.Option(
+        "--metrics-key", exists=True, dir_okay=False,
+        help="Coordinator metrics private key (PEM); default: OUT/keys/metrics.key, created "
+        "if missing.")] = None,
+    verbose_flower: Annotated[bool, typer.Option(
+        "--verbose-flower", help="Flower debug logs.")] = False,
+) -> None:
+    """Run a federated scenario on the Simulation Engine: one simulated SuperNode per site."""
+    from client.client_app import app as client_app
+    from common.fedconfig import load_config
+    from server.driver import plan
+    from server.plots import write_plots
+    from server.server_app import make_server_app
+    from server.simulation import simulate
+
+    cfg = load_config(config, {"data": data} if data else None)
+    out.mkdir(parents=True, exist_ok=True)
+    private, public = _keys(out, metrics_key)
+    cfg = cfg.model_copy(update={"metrics_key": str(public.resolve())})
+    server_app = make_server_app({"scenario-config": cfg, "out-dir": str(out),
+                                  "metrics-private-key": str(private), "resume": resume})
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow, args=(out / "progress.jsonl", stop,
+                                                      len(plan(cfg))), daemon=True)
+    follower.start()
+    start = time.monotonic()
+    try:
+        simulate(server_app, client_app, num_sites=cfg.partition.sites, parallel=parallel,
+                 verbose=verbose_flower)
+    finally:
+        stop.set()
+        follower.join(timeout=2)
+    report = json.loads((out / "report.json").read_text())
+    plots = write_plots(report, out)
+    final = report.get("final") or {}
+    console.print(f"[bold green]done[/] in {time.monotonic() - start:.0f} s: "
+                  f"{out / 'report.md'}, {len(plots)} plot(s)"
+                  + (f", {out / 'global_model.fbz'}" if (out / "global_model.fbz").exists()
+                     else ""))
+    for site, m in sorted((final.get("sites") or {}).items()):
+        a, e = m.get("akida") or {}, m.get("akida_after_edge") or {}
+        console.print(f"  {site}: hash match {m.get('hash_matches')}, Akida bal. acc. "
+                      f"{a.get('balanced_accuracy')}, after on-chip learning "
+                      f"{e.get('balanced_accuracy', e.get('error'))}")
