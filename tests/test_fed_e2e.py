@@ -1,0 +1,67 @@
+"""End to end: 3 simulated sites train a tiny QANA (warm-up, federated calibration, 2 QAT rounds),
+convert it to Akida, learn on-chip and report sealed metrics that the coordinator decrypts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("ray")
+
+from common.fedconfig import parse_config  # noqa: E402
+from common.metrics_crypto import save_metrics_keypair  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def test_three_sites_reach_identical_akida_models_with_sealed_reports(tmp_path):
+    # Prepare
+    from client.client_app import app as client_app
+    from server.server_app import make_server_app
+    from server.simulation import simulate
+
+    keys = tmp_path / "keys"
+    save_metrics_keypair(keys / "metrics.key", keys / "metrics.pub")
+    cfg = parse_config({
+        "name": "e2e", "data": "synthetic:n=240,size=48,sites=3,seed=1",
+        "partition": {"scheme": "natural", "sites": 3},
+        "model": {"variant": "qana-akd1000", "size": 48, "width": 0.25, "depth": 1},
+        "rounds": {"warmup": 1, "qat": 2}, "batch-size": 16, "lr": 0.003, "qat-lr": 0.0003,
+        "calibration-samples": 32, "quorum": {"min-sites": 3, "min-replies": 3},
+        "timeouts": {"connect": 300, "round": 900}, "edge": {"shots": 3, "neurons-per-class": 1},
+        "metrics-key": str(keys / "metrics.pub"), "seed": 3,
+    })
+    out = tmp_path / "run"
+
+    # Execute
+    simulate(make_server_app({"scenario-config": cfg, "out-dir": str(out),
+                              "metrics-private-key": str(keys / "metrics.key")}),
+             client_app, num_sites=3)
+
+    # Assert
+    report = json.loads((out / "report.json").read_text())
+    assert report["complete"]
+    assert [r["phase"] for r in report["rounds"]] == ["warmup", "calibrate", "qat", "qat",
+                                                      "finalize"]
+    sites = {"site-0", "site-1", "site-2"}
+    for r in report["rounds"]:
+        assert set(r["sites"]) == sites, r["phase"]  # every sealed report was decrypted
+        assert r["dropped"] == {}
+    for r in report["rounds"]:
+        if r["phase"] in ("warmup", "qat"):
+            for m in r["sites"].values():
+                assert 0.0 <= m["test"]["balanced_accuracy"] <= 1.0
+                assert m["train_examples"] > 0
+            assert r["bytes_received"] > 0
+    final = report["final"]
+    server_hash = final["server_hash"]
+    assert server_hash and (out / "global_model.fbz").is_file()
+    for site, m in final["sites"].items():
+        assert m["akida_hash"] == server_hash, site
+        assert m["hash_matches"] and m["hash_matches_server"]
+        assert 0.0 <= m["akida"]["balanced_accuracy"] <= 1.0
+        assert m["akida"]["num_examples"] > 0
+        edge = m["akida_after_edge"]
+        assert edge is not None and ("balanced_accuracy" in edge or "error" in edge)
+    assert (out / "report.md").read_text().count("site-") >= 3

@@ -1,0 +1,79 @@
+"""What travels in Flower messages: weights, the example count and a sealed report, nothing else."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.metrics_crypto import (
+    MisaddressedReport,
+    ReplayedReport,
+    ReportReceiver,
+    encrypt_report,
+    generate_metrics_keypair,
+)
+from server import protocol as P
+from server.driver import Receiver, plan
+from server.reports import global_summary
+
+
+def test_a_reply_carries_metrics_only_sealed():
+    # Prepare
+    private, public = generate_metrics_keypair()
+    metrics = {"test": {"balanced_accuracy": 0.8125, "num_examples": 16}}
+    envelope = encrypt_report(metrics, public, run_id="r", round=2, site_id="site-0")
+
+    # Execute
+    content = P.reply_content({"w": np.ones(3, np.float32)}, 40, "site-0", envelope)
+
+    # Assert: the only plain number is the example weight; the score is not in any record
+    assert dict(content[P.METRICS]) == {P.NUM_EXAMPLES: 40}
+    assert set(content[P.REPORT].keys()) == {P.SITE_ID, P.ENVELOPE}
+    assert b"0.8125" not in content[P.REPORT][P.ENVELOPE]
+    assert ReportReceiver(private).open(content[P.REPORT][P.ENVELOPE], run_id="r", round=2,
+                                        site_id="site-0") == metrics
+
+
+def test_the_receiver_refuses_replays_and_misaddressed_reports_and_keeps_seen_ids(caplog):
+    # Prepare
+    private, public = generate_metrics_keypair()
+    receiver = Receiver(private)
+    env = encrypt_report({"x": 1}, public, run_id="r", round=1, site_id="a")
+
+    # Execute
+    first = receiver.open(env, "r", 1, "a")
+    replay = receiver.open(env, "r", 1, "a")
+    other_site = receiver.open(encrypt_report({"x": 1}, public, run_id="r", round=1,
+                                              site_id="a"), "r", 1, "b")
+    receiver.restore(receiver.seen_ids())
+    after_restart = receiver.open(env, "r", 1, "a")
+
+    # Assert
+    assert first == {"x": 1}
+    assert replay is None and other_site is None and after_restart is None
+    assert ReplayedReport.__name__ in caplog.text and MisaddressedReport.__name__ in caplog.text
+    assert len(receiver.seen_ids()) == 1
+    with pytest.raises(ReplayedReport):
+        ReportReceiver(private, seen_ids=receiver.seen_ids()).open(env, run_id="r", round=1,
+                                                                   site_id="a")
+
+
+def test_plan_orders_phases_and_skips_quantization_for_the_float_variant():
+    from common.fedconfig import parse_config
+
+    q = parse_config({"name": "x", "data": "d", "rounds": {"warmup": 2, "qat": 1}})
+    f = parse_config({"name": "x", "data": "d", "rounds": {"warmup": 2, "qat": 1},
+                      "model": {"variant": "qana-float"}})
+    assert [s.phase for s in plan(q)] == ["warmup", "warmup", "calibrate", "qat", "finalize"]
+    assert [s.number for s in plan(q)] == [1, 2, 3, 4, 5]
+    assert [s.phase for s in plan(f)] == ["warmup", "warmup", "finalize"]
+
+
+def test_global_numbers_are_example_weighted():
+    reports = {"a": {"test": {"balanced_accuracy": 1.0, "num_examples": 30}, "train_loss": 1.0,
+                     "train_examples": 10},
+               "b": {"test": {"balanced_accuracy": 0.0, "num_examples": 10}, "train_loss": 3.0,
+                     "train_examples": 30}}
+    g = global_summary(reports)
+    assert g["test.balanced_accuracy"] == pytest.approx(0.75)
+    assert g["train_loss"] == pytest.approx(2.5)
