@@ -7,7 +7,7 @@ import logging
 import typer
 
 from qanafed import __version__
-from qanafed.cli import data, model
+from qanafed.cli import data, model, sim
 
 app = typer.Typer(
     name="qanafed",
@@ -17,6 +17,7 @@ app = typer.Typer(
 )
 app.add_typer(data.app, name="data")
 app.add_typer(model.app, name="model")
+app.command("sim")(sim.sim)
 
 
 def _version(value: bool) -> None:
