@@ -112,35 +112,35 @@ class _Look:
 
 _DERMOSCOPY_LOOKS: dict[str, _Look] = {
     "akiec": _Look(
-        pigment=(0.0, 0.5), redness=(0.1, 0.4), radius=(0.38, 0.64), irregular=(0.05, 0.13),
+        pigment=(0.0, 0.5), redness=(0.1, 0.4), radius=(0.49, 0.83), irregular=(0.05, 0.13),
         asymmetry=(0.05, 0.18), softness=(0.10, 0.2), blotch=0.12, atypia=0.2,
         centred_patch=False,
         features={"scale": 0.8, "vessels": 0.45, "white_patch": 0.15, "network": 0.1,
                   "globules": 0.1, "ridges": 0.05},
     ),
     "bcc": _Look(
-        pigment=(0.0, 0.55), redness=(0.0, 0.3), radius=(0.36, 0.62), irregular=(0.06, 0.14),
+        pigment=(0.0, 0.55), redness=(0.0, 0.3), radius=(0.47, 0.81), irregular=(0.06, 0.14),
         asymmetry=(0.05, 0.2), softness=(0.05, 0.12), blotch=0.12, atypia=0.2,
         centred_patch=False,
         features={"vessels": 0.8, "blue_nests": 0.75, "white_patch": 0.25, "veil": 0.1,
                   "globules": 0.15, "scale": 0.1},
     ),
     "bkl": _Look(
-        pigment=(0.25, 0.85), redness=(0.0, 0.1), radius=(0.38, 0.66), irregular=(0.04, 0.1),
+        pigment=(0.25, 0.85), redness=(0.0, 0.1), radius=(0.49, 0.86), irregular=(0.04, 0.1),
         asymmetry=(0.03, 0.12), softness=(0.01, 0.04), blotch=0.1, atypia=0.1,
         centred_patch=False,
         features={"ridges": 0.7, "milia": 0.6, "scale": 0.3, "network": 0.15, "globules": 0.1,
                   "vessels": 0.1, "blue_nests": 0.05},
     ),
     "df": _Look(
-        pigment=(0.25, 0.75), redness=(0.0, 0.2), radius=(0.33, 0.55), irregular=(0.01, 0.05),
+        pigment=(0.25, 0.75), redness=(0.0, 0.2), radius=(0.43, 0.72), irregular=(0.01, 0.05),
         asymmetry=(0.0, 0.08), softness=(0.1, 0.2), blotch=0.06, atypia=0.05,
         centred_patch=True,
         features={"white_patch": 0.9, "network": 0.6, "vessels": 0.1, "globules": 0.1,
                   "scale": 0.05},
     ),
     "mel": _Look(
-        pigment=(0.4, 1.0), redness=(0.0, 0.15), radius=(0.42, 0.68), irregular=(0.08, 0.2),
+        pigment=(0.4, 1.0), redness=(0.0, 0.15), radius=(0.55, 0.88), irregular=(0.08, 0.2),
         asymmetry=(0.15, 0.35), softness=(0.03, 0.12), blotch=0.3, atypia=0.3,
         centred_patch=False,
         features={"network": 0.55, "black_dots": 0.5, "streaks": 0.5, "veil": 0.45,
@@ -148,15 +148,15 @@ _DERMOSCOPY_LOOKS: dict[str, _Look] = {
                   "scale": 0.05},
     ),
     "nv": _Look(
-        pigment=(0.3, 0.95), redness=(0.0, 0.1), radius=(0.36, 0.62), irregular=(0.01, 0.05),
+        pigment=(0.3, 0.95), redness=(0.0, 0.1), radius=(0.47, 0.81), irregular=(0.01, 0.05),
         asymmetry=(0.0, 0.1), softness=(0.04, 0.1), blotch=0.08, atypia=0.05,
         centred_patch=False,
         features={"network": 0.75, "globules": 0.5, "milia": 0.1, "black_dots": 0.05,
-                  "streaks": 0.05, "veil": 0.05, "white_patch": 0.05, "ridges": 0.05,
+                  "streaks": 0.05, "veil": 0.1, "white_patch": 0.05, "ridges": 0.05,
                   "vessels": 0.05},
     ),
     "vasc": _Look(
-        pigment=(0.0, 0.5), redness=(0.35, 0.8), radius=(0.33, 0.56), irregular=(0.02, 0.06),
+        pigment=(0.0, 0.5), redness=(0.2, 0.65), radius=(0.43, 0.73), irregular=(0.02, 0.06),
         asymmetry=(0.0, 0.1), softness=(0.02, 0.06), blotch=0.1, atypia=0.05,
         centred_patch=False,
         features={"lacunae": 0.95, "vessels": 0.2, "veil": 0.15, "white_patch": 0.15,
@@ -238,7 +238,7 @@ def make_synthetic(
 
     draw = _draw_dermoscopy if mode == "dermoscopy" else _draw_endoscopy
     params = draw(lesion_label, image_lesion, rng)
-    params["cast"] = casts[lesion_site[image_lesion]] * rng.uniform(0.92, 1.08, (n, 1))
+    params["cast"] = casts[lesion_site[image_lesion]] * rng.uniform(0.88, 1.12, (n, 1))
     render = _render_dermoscopy if mode == "dermoscopy" else _render_endoscopy
 
     images = np.empty((n, size, size, 3), dtype=np.uint8)
@@ -312,8 +312,8 @@ def _assign_sites(
 
 def _site_casts(num_sites: int, rng: np.random.Generator) -> np.ndarray:
     """Per-site RGB gain: a colour cast times a brightness, shape ``(num_sites, 3)``."""
-    cast = 1.0 + rng.uniform(-0.12, 0.12, (num_sites, 3))
-    return cast * rng.uniform(0.85, 1.1, (num_sites, 1))
+    cast = 1.0 + rng.uniform(-0.18, 0.18, (num_sites, 3))
+    return cast * rng.uniform(0.8, 1.12, (num_sites, 1))
 
 
 # --------------------------------------------------------------------------- shared drawing
@@ -519,7 +519,7 @@ def _draw_dermoscopy(
         "blob_radius": blob_radius,
         "blob_u": blob_dist * np.cos(blob_angle),
         "blob_v": blob_dist * np.sin(blob_angle),
-        "skin": rng.uniform(0.72, 1.04, (num_lesions, 1)) * np.array([[232, 188, 166]])
+        "skin": rng.uniform(0.66, 1.04, (num_lesions, 1)) * np.array([[232, 188, 166]])
         * (1 + rng.normal(0, 0.03, (num_lesions, 3))),
     }
     params = {k: v[image_lesion] for k, v in lesion.items()}
