@@ -96,6 +96,7 @@ class _Source:
 
     @classmethod
     def of(cls, ds: LesionDataset) -> _Source:
+        """Record the ids, format and fingerprint of ``ds``."""
         return cls(
             image_ids=np.asarray(ds.image_ids).astype(str),
             lesion_ids=np.asarray(ds.lesion_ids).astype(str),
@@ -115,9 +116,12 @@ class Split:
     seed : int (default: 0)
         Seed the split was drawn with.
     val_fraction : float (default: 0.15)
-        Requested fraction of images in ``val``.
+        Requested fraction of lesions in ``val``.
     test_fraction : float (default: 0.15)
-        Requested fraction of images in ``test``.
+        Requested fraction of lesions in ``test``.
+
+    Splits made by `grouped_split` or `Split.load` remember their dataset's ids, so
+    ``save(path)`` needs no dataset; a hand-built one needs ``save(path, ds)``.
     """
 
     train: np.ndarray
@@ -126,7 +130,7 @@ class Split:
     seed: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.15
-    _source: _Source | None = field(default=None, repr=False, compare=False)
+    _source: _Source | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in SPLIT_NAMES:
@@ -179,7 +183,11 @@ class Split:
         ------
         ConfigError
             If the split was built by hand and no dataset is given.
+        DataError
+            If ``ds`` is given and the split does not fit it (index out of range, lesion leak).
         """
+        if ds is not None:
+            assert_no_lesion_leak(ds, self)
         source = _Source.of(ds) if ds is not None else self._source
         if source is None:
             raise ConfigError(
@@ -269,7 +277,8 @@ class Split:
                 "dataset",
                 "delete the file to draw a new split",
             ) from err
-        split = cls(**parts, seed=seed, val_fraction=val, test_fraction=test, _source=source)
+        split = cls(**parts, seed=seed, val_fraction=val, test_fraction=test)
+        split._source = source
         assert_no_lesion_leak(ds, split)
         return split
 
@@ -291,9 +300,9 @@ def grouped_split(
     ds : LesionDataset
         The dataset.
     val : float (default: 0.15)
-        Fraction of images for validation, in ``[0, 1)``.
+        Fraction of lesions (so roughly of images) for validation, in ``[0, 1)``.
     test : float (default: 0.15)
-        Fraction of images for testing, in ``[0, 1)``; ``val + test < 1``.
+        Fraction of lesions for testing, in ``[0, 1)``; ``val + test < 1``.
     seed : int (default: 0)
         Seed; the same dataset and arguments give the same split.
 
@@ -326,8 +335,8 @@ def grouped_split(
         seed=seed,
         val_fraction=float(val),
         test_fraction=float(test),
-        _source=_Source.of(ds),
     )
+    split._source = _Source.of(ds)
     assert_no_lesion_leak(ds, split)
     log.info("grouped split (seed %d): %s images", seed, split.sizes())
     return split
