@@ -1,0 +1,168 @@
+"""Every registered variant: quantize, convert (or be refused), parity, map, hash, save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tf_keras as keras
+
+import common  # noqa: F401  (legacy Keras env)
+from common.convert import convert_model, load_akida, model_hash, save_akida
+from common.errors import DataError, ModelError
+from common.models import HEAD_DENSE, StageSpec, VariantInfo, create_model, list_variants
+from common.parity import check_parity
+from common.quantize import qat_compile, quantize_model
+
+akida = pytest.importorskip("akida")
+
+CLASSES = 3
+#: Tiny stage tables per target (few layers: quantizeml/cnn2snn cost grows with layer count).
+TINY_STAGES = {
+    "akd1000": (StageSpec(32, stride=1), StageSpec(64)),
+    "akida2": (StageSpec(32, stride=1, attention="eca", residual=True),),
+    "float": (StageSpec(32, stride=1, attention="eca", residual=True),),
+}
+#: Virtual devices to map on, per target.
+DEVICES = {"akd1000": "AKD1000", "akida2": "TwoNodesIPv2"}
+
+
+def tiny_model(info: VariantInfo) -> keras.Model:
+    stages = TINY_STAGES.get(info.target, info.stages)
+    return create_model(info.name, input_size=16, num_classes=CLASSES, width=0.25, stages=stages)
+
+
+def images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module", params=list_variants(), ids=lambda v: v.name)
+def converted(request):
+    """(info, qmodel, akida model) per variant; qmodel/akida are None for float variants."""
+    info: VariantInfo = request.param
+    keras.backend.clear_session()
+    model = tiny_model(info)
+    if not info.convertible:
+        return info, model, None, None
+    qmodel = quantize_model(model, info, images(16, seed=0), batch_size=8)
+    return info, model, qmodel, convert_model(qmodel, info)
+
+
+def test_convert_or_refuse(converted):
+    info, model, qmodel, ak_model = converted
+    if not info.convertible:
+        # Execute / Assert: refused before quantizeml runs, naming the layer and the reason
+        with pytest.raises(ModelError, match=r"layer '\w+' \(\w+\) .+"):
+            quantize_model(model, info, images(4, seed=0))
+        return
+    # Assert
+    assert tuple(ak_model.output_shape) == (1, 1, CLASSES)
+    assert tuple(ak_model.input_shape) == (16, 16, 3)
+    assert ak_model.layers[-1].name in (HEAD_DENSE, "dequantizer")
+
+
+def test_parity_with_quantized_keras(converted):
+    info, _, qmodel, ak_model = converted
+    if not info.convertible:
+        pytest.skip(f"{info.name} is a float reference")
+    # Execute
+    report = check_parity(qmodel, ak_model, images(12, seed=1), strict=True)
+    # Assert
+    assert report.top1_agreement == 1.0
+    assert report.max_abs_logit_diff < 1e-3
+    compared = [layer for layer in report.layers if layer.compared]
+    assert compared and compared[0].name == "stem_conv"
+    assert compared[0].mismatch_fraction == 0.0
+
+
+def test_maps_on_a_virtual_device_then_back_to_software(converted):
+    info, _, _, ak_model = converted
+    if not info.convertible:
+        pytest.skip(f"{info.name} is a float reference")
+    x = images(2, seed=2)
+    before = ak_model.predict(x)
+    # Execute
+    ak_model.map(getattr(akida, DEVICES[info.target])(), hw_only=True)
+    mapped = ak_model.device is not None
+    ak_model.map(None)
+    # Assert
+    assert mapped
+    assert ak_model.device is None
+    assert np.array_equal(ak_model.predict(x), before)
+
+
+def test_same_quantized_weights_give_identical_akida_bits(converted, tmp_path):
+    info, _, qmodel, ak_model = converted
+    if not info.convertible:
+        pytest.skip(f"{info.name} is a float reference")
+    # Execute
+    again = convert_model(qmodel, info)
+    path = save_akida(ak_model, tmp_path / "sub" / "model.fbz")
+    loaded = load_akida(path)
+    # Assert
+    assert model_hash(again) == model_hash(ak_model)
+    assert model_hash(loaded) == model_hash(ak_model)
+    assert len(model_hash(ak_model)) == 64
+    assert not [p for p in path.parent.iterdir() if p.name != "model.fbz"]  # no temp left
+
+
+def test_spike_generator_emits_one_bit_on_akida_1(converted):
+    info, _, _, ak_model = converted
+    if not info.edge_learning:
+        pytest.skip(f"{info.name} has no on-chip learning")
+    # Execute
+    before_head = ak_model.layers[-2].to_dict()["parameters"]
+    # Assert
+    assert before_head["act_bits"] == 1
+
+
+def test_qat_step_keeps_ghost_form_and_spike_bits(converted):
+    info, _, qmodel, _ = converted
+    if not info.edge_learning:
+        pytest.skip("run once, on the Akida 1.0 variant")
+    # Prepare
+    x, y = images(8, seed=3).astype(np.float32), np.arange(8) % CLASSES
+    qat_compile(qmodel, lr=1e-3)
+    # Execute
+    history = qmodel.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    # Assert
+    assert np.isfinite(history.history["loss"][0])
+    kernel = qmodel.get_layer("s1_b0_ghost_cheap").kernel.numpy()
+    from common.models.blocks import ghost_mask
+
+    assert np.all(kernel[ghost_mask(kernel.shape) == 0] == 0)
+    assert tuple(convert_model(qmodel, info).output_shape) == (1, 1, CLASSES)
+
+
+def test_truncating_conversion_is_refused():
+    # Prepare: sigmoid gating (a tensor×tensor multiply) stops quantization mid-model
+    from quantizeml.models import quantize
+
+    layers = keras.layers
+    inp = layers.Input((16, 16, 3))
+    x = layers.Rescaling(1 / 255.0)(inp)
+    x = layers.Conv2D(8, 3, strides=2, padding="same")(x)
+    x = layers.ReLU(6.0)(x)
+    gate = layers.Conv2D(8, 1, activation="sigmoid")(x)
+    x = layers.Multiply()([x, gate])
+    x = layers.GlobalAveragePooling2D()(x)
+    out = layers.Dense(CLASSES)(x)
+    qmodel = quantize(keras.Model(inp, out, name="gated"), samples=images(8, 0).astype("float32"),
+                      num_samples=8, batch_size=8)
+    # Execute / Assert
+    with pytest.raises(ModelError, match="silently truncate"):
+        convert_model(qmodel, "qana-akida2")
+
+
+def test_bad_inputs_are_refused_clearly(converted, tmp_path):
+    info, model, qmodel, ak_model = converted
+    if not info.convertible:
+        pytest.skip(f"{info.name} is a float reference")
+    bogus = tmp_path / "not_a_model.fbz"
+    bogus.write_bytes(b"hello")
+    # Execute / Assert
+    with pytest.raises(ModelError, match="not a readable Akida model"):
+        load_akida(bogus)
+    with pytest.raises(DataError, match="uint8"):
+        check_parity(qmodel, ak_model, images(2, 0).astype(np.float32) / 255)
+    with pytest.raises(DataError, match="0–1"):
+        quantize_model(model, info, images(4, 0).astype(np.float32) / 255)
