@@ -30,7 +30,8 @@ ENVELOPE = "envelope"
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """Pack named numpy arrays into an ArrayRecord (keys kept, order kept)."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    # np.ascontiguousarray would turn 0-d arrays (per-tensor ranges) into shape (1,).
+    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -77,3 +77,10 @@ def test_global_numbers_are_example_weighted():
     g = global_summary(reports)
     assert g["test.balanced_accuracy"] == pytest.approx(0.75)
     assert g["train_loss"] == pytest.approx(2.5)
+
+
+def test_scalar_arrays_keep_their_shape_through_a_record():
+    # per-tensor quantizer ranges are 0-d arrays; they must not come back as shape (1,)
+    arrays = {"q/range_max": np.asarray(np.float32(2.5)), "w": np.ones((2, 3), np.float32)}
+    back = P.from_record(P.to_record(arrays))
+    assert back["q/range_max"].shape == () and back["w"].shape == (2, 3)
