@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
@@ -26,3 +29,13 @@ def setup_logging(level: int = logging.INFO) -> None:
 def print_json(obj: Any) -> None:
     """Print one JSON object on stdout."""
     print(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send whatever libraries print (quantizeml/Keras progress bars) to stderr.
+
+    Wrap the work of a ``--json`` command in it so that stdout carries the JSON object only.
+    """
+    with contextlib.redirect_stdout(sys.stderr):
+        yield

@@ -1,0 +1,462 @@
+"""Centralized QANA training: split, balance, float training, quantize, QAT, convert to Akida."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .dataset import LesionDataset
+from .errors import ConfigError, DataError, ModelError
+from .log import get_logger
+from .metrics import classification_metrics, headline
+
+log = get_logger("train")
+
+#: ``progress(stage, done, total)`` — stage is e.g. "float", "qat", "quality", "load".
+Progress = Callable[[str, int, int], None]
+
+BALANCE_METHODS = ("smote", "oversample", "none")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one centralized training run.
+
+    Parameters
+    ----------
+    variant : str (default: "qana-akd1000")
+        Registered model variant (``qanafed model list``).
+    size : int (default: 64)
+        Input side in pixels; must be allowed by the variant's target.
+    width : float (default: 1.0)
+        Channel multiplier of the variant's stage table.
+    epochs : int (default: 20)
+        Maximum float-training epochs (early stopping on validation balanced accuracy).
+    qat_epochs : int (default: 5)
+        Maximum quantization-aware training epochs (0 gives post-training quantization).
+    batch_size : int (default: 32)
+        Mini-batch size.
+    lr : float (default: 1e-3)
+        Adam learning rate of float training.
+    qat_lr : float | None (default: None)
+        Adam learning rate of QAT; None means ``lr / 10``.
+    balance : str (default: "smote")
+        Class balancing of the training split only: "smote", "oversample" or "none".
+    class_weighted : bool (default: False)
+        Weight the loss by inverse class frequency (of the balanced training split).
+    augment : bool (default: True)
+        Random flips, rotation, colour and scale jitter on training batches.
+    val : float (default: 0.15)
+        Validation fraction (model selection only).
+    test : float (default: 0.15)
+        Test fraction (reported, never used for selection).
+    seed : int (default: 0)
+        Seed of split, balancing, augmentation and initialisation.
+    patience : int (default: 5)
+        Epochs without validation improvement before stopping.
+    calibration_samples : int (default: 256)
+        Training images used to calibrate quantizer ranges.
+    min_agreement : float (default: 0.9)
+        Smallest Akida-vs-quantized top-1 agreement accepted before saving the Akida model.
+    quality_filter : bool (default: True)
+        Drop unreadable, tiny, too dark/bright or blurry images first.
+    """
+
+    variant: str = "qana-akd1000"
+    size: int = 64
+    width: float = 1.0
+    epochs: int = 20
+    qat_epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-3
+    qat_lr: float | None = None
+    balance: str = "smote"
+    class_weighted: bool = False
+    augment: bool = True
+    val: float = 0.15
+    test: float = 0.15
+    seed: int = 0
+    patience: int = 5
+    calibration_samples: int = 256
+    min_agreement: float = 0.9
+    quality_filter: bool = True
+
+    def __post_init__(self) -> None:
+        if self.balance not in BALANCE_METHODS:
+            raise ConfigError(
+                f"balance={self.balance!r} is not a balancing method",
+                f"use one of {', '.join(BALANCE_METHODS)}",
+            )
+        for name in ("epochs", "qat_epochs", "patience"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} is negative", "use 0 or more")
+        if self.epochs == 0 and self.qat_epochs == 0:
+            log.warning("epochs=0 and qat_epochs=0: the model is quantized without training")
+        if self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError(
+                f"batch_size={self.batch_size}, lr={self.lr}", "use batch_size >= 1 and lr > 0"
+            )
+        if not 0.0 < self.min_agreement <= 1.0:
+            raise ConfigError(
+                f"min_agreement={self.min_agreement} is outside (0, 1]", "use e.g. 0.9 or 0.99"
+            )
+
+    @property
+    def effective_qat_lr(self) -> float:
+        """The QAT learning rate actually used."""
+        return self.qat_lr if self.qat_lr is not None else self.lr / 10
+
+
+@dataclass
+class SplitArrays:
+    """Decoded uint8 images and labels of the three splits."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: tuple[str, ...]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_arrays(
+    ds: LesionDataset,
+    cfg: TrainConfig,
+    split_file: str | Path | None = None,
+    progress: Progress | None = None,
+) -> tuple[SplitArrays, Any]:
+    """Filter, split by lesion, decode, and balance the training split only.
+
+    Parameters
+    ----------
+    ds : LesionDataset
+        Any loaded dataset.
+    cfg : TrainConfig
+        Run configuration (size, fractions, balancing, seed).
+    split_file : str | Path | None (default: None)
+        A saved split to reuse (``qanafed data split``); None makes a new seeded one.
+    progress : Progress | None (default: None)
+        Progress callback.
+
+    Returns
+    -------
+    tuple[SplitArrays, Split]
+        The arrays and the lesion-grouped split they came from.
+    """
+    from .balance import balance_train
+    from .preprocess import load_arrays
+    from .quality import QualityConfig, check_quality
+    from .splits import Split, assert_no_lesion_leak, grouped_split
+
+    info: dict[str, Any] = {"format": ds.format, "images_in": len(ds)}
+    if cfg.quality_filter:
+        # An image smaller than the model input would be upscaled: "too small" is relative to
+        # the model, capped at the filter's default for large models.
+        qcfg = QualityConfig(min_side=min(QualityConfig().min_side, cfg.size))
+        report = check_quality(ds, qcfg, progress=_stage(progress, "quality"))
+        dropped = report.summary()
+        if len(report.kept) == 0:
+            raise DataError(
+                f"the quality filter dropped all {len(ds)} images "
+                f"({ {k: v for k, v in dropped.items() if v} })",
+                "check the data (see `qanafed data inspect`), or train with --no-quality-filter",
+            )
+        if len(report.kept) < len(ds):
+            log.warning(
+                "quality filter dropped %d of %d images: %s",
+                len(ds) - len(report.kept),
+                len(ds),
+                {k: v for k, v in dropped.items() if v},
+            )
+        ds = ds.subset(report.kept)
+        info["quality_dropped"] = dropped
+    split = (
+        Split.load(split_file, ds)
+        if split_file is not None
+        else grouped_split(ds, val=cfg.val, test=cfg.test, seed=cfg.seed)
+    )
+    assert_no_lesion_leak(ds, split)
+    load = _stage(progress, "load")
+    parts = {}
+    for name in ("train", "val", "test"):
+        idx = getattr(split, name)
+        parts[name] = (load_arrays(ds, cfg.size, idx, progress=load), ds.labels[idx])
+    x_train, y_train = parts["train"]
+    info["train_before_balance"] = int(len(y_train))
+    x_train, y_train = balance_train(x_train, y_train, cfg.balance, seed=cfg.seed)
+    info["train_after_balance"] = int(len(y_train))
+    info["split_counts"] = split.class_counts(ds)
+    arrays = SplitArrays(
+        x_train, y_train, *parts["val"], *parts["test"], class_names=ds.class_names, info=info
+    )
+    return arrays, split
+
+
+def _stage(progress: Progress | None, stage: str) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(stage, done, total)
+
+
+def predict_keras(model: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Top-1 predictions of a (float or quantized) Keras model on raw 0–255 images."""
+    logits = model.predict(images.astype(np.float32), batch_size=batch_size, verbose=0)
+    return np.asarray(logits).reshape(len(images), -1).argmax(axis=-1)
+
+
+def predict_akida(ak_model: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Top-1 predictions of an Akida model on raw uint8 images."""
+    from .preprocess import check_pixel_range
+
+    check_pixel_range(images)
+    x = images.astype(np.uint8)
+    out = [
+        np.asarray(ak_model.predict(x[i : i + batch_size])).reshape(len(x[i : i + batch_size]), -1)
+        for i in range(0, len(x), batch_size)
+    ]
+    return np.concatenate(out).argmax(axis=-1)
+
+
+def fit_selecting_on_val(
+    model: Any,
+    arrays: SplitArrays,
+    cfg: TrainConfig,
+    epochs: int,
+    stage: str,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train with early stopping on validation balanced accuracy; restore the best weights.
+
+    The test split is never looked at here.
+
+    Returns
+    -------
+    dict[str, Any]
+        Per-epoch history (loss, validation balanced accuracy), best epoch and seconds.
+    """
+    import tf_keras as keras
+
+    from .augment import make_dataset
+    from .balance import class_weights
+
+    train = make_dataset(
+        arrays.x_train,
+        arrays.y_train,
+        batch_size=cfg.batch_size,
+        augment=cfg.augment,
+        shuffle=True,
+        seed=cfg.seed,
+    )
+    weights = class_weights(arrays.y_train, len(arrays.class_names)) if cfg.class_weighted else None
+    best = {"score": -1.0, "epoch": 0, "weights": model.get_weights()}
+    history: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+
+    class _SelectOnVal(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            y_pred = predict_keras(self.model, arrays.x_val)
+            score = classification_metrics(arrays.y_val, y_pred, arrays.class_names)[
+                "balanced_accuracy"
+            ]
+            history.append(
+                {
+                    "epoch": epoch + 1,
+                    "loss": float((logs or {}).get("loss", np.nan)),
+                    "val_balanced_accuracy": score,
+                }
+            )
+            log.info(
+                "%s epoch %d/%d: loss %.4f, val balanced accuracy %.3f",
+                stage,
+                epoch + 1,
+                epochs,
+                history[-1]["loss"],
+                score,
+            )
+            if score > best["score"]:
+                best.update(score=score, epoch=epoch + 1, weights=self.model.get_weights())
+            elif epoch + 1 - best["epoch"] >= cfg.patience:
+                self.model.stop_training = True
+            if progress is not None:
+                progress(stage, epoch + 1, epochs)
+
+    if epochs > 0:
+        model.fit(train, epochs=epochs, verbose=0, class_weight=weights, callbacks=[_SelectOnVal()])
+        model.set_weights(best["weights"])
+    return {
+        "history": history,
+        "best_epoch": best["epoch"],
+        "best_val_balanced_accuracy": best["score"],
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def train_and_convert(
+    arrays: SplitArrays, cfg: TrainConfig, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Float training → quantization (calibrated on training images) → QAT → Akida conversion.
+
+    Returns
+    -------
+    dict[str, Any]
+        ``float_model``, ``quantized_model``, ``akida_model``, ``parity`` and ``metrics``
+        (float / quantized / akida on the test split) plus ``training`` histories.
+    """
+    import tf_keras as keras
+
+    from .convert import convert_model
+    from .models import create_model
+    from .parity import check_parity
+    from .quantize import qat_compile, quantize_model
+
+    keras.utils.set_random_seed(cfg.seed)
+    model = create_model(
+        cfg.variant, input_size=cfg.size, num_classes=len(arrays.class_names), width=cfg.width
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(cfg.lr),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    training = {"float": fit_selecting_on_val(model, arrays, cfg, cfg.epochs, "float", progress)}
+
+    rng = np.random.default_rng(cfg.seed)
+    n_cal = min(cfg.calibration_samples, len(arrays.x_train))
+    calibration = arrays.x_train[rng.choice(len(arrays.x_train), n_cal, replace=False)]
+    qmodel = quantize_model(model, cfg.variant, calibration)
+    training["ptq_val_balanced_accuracy"] = classification_metrics(
+        arrays.y_val, predict_keras(qmodel, arrays.x_val), arrays.class_names
+    )["balanced_accuracy"]
+    if cfg.qat_epochs > 0:
+        qat_compile(qmodel, cfg.effective_qat_lr)
+        training["qat"] = fit_selecting_on_val(qmodel, arrays, cfg, cfg.qat_epochs, "qat", progress)
+
+    ak_model = convert_model(qmodel, cfg.variant)
+    parity = check_parity(qmodel, ak_model, arrays.x_test, min_agreement=cfg.min_agreement)
+    names = arrays.class_names
+    metrics = {
+        "float": classification_metrics(arrays.y_test, predict_keras(model, arrays.x_test), names),
+        "quantized": classification_metrics(
+            arrays.y_test, predict_keras(qmodel, arrays.x_test), names
+        ),
+        "akida": classification_metrics(
+            arrays.y_test, predict_akida(ak_model, arrays.x_test), names
+        ),
+    }
+    for kind, m in metrics.items():
+        log.info("test %-9s %s", kind, headline(m))
+    return {
+        "float_model": model,
+        "quantized_model": qmodel,
+        "akida_model": ak_model,
+        "parity": parity,
+        "metrics": metrics,
+        "training": training,
+    }
+
+
+def write_run(
+    out: str | Path, result: dict[str, Any], payload: dict[str, Any], split: Any = None
+) -> Path:
+    """Write a finished run into ``out`` atomically: a temporary sibling folder, then rename.
+
+    Nothing half-written is left in ``out``; an existing ``out`` is replaced only once the new
+    one is complete.
+
+    Returns
+    -------
+    Path
+        The output folder.
+    """
+    from quantizeml import save_model
+
+    from .convert import save_akida
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_akida(result["akida_model"], tmp / "model.fbz")
+        save_model(result["quantized_model"], str(tmp / "quantized.h5"))
+        result["float_model"].save(tmp / "float.h5")
+        (tmp / "metrics.json").write_text(json.dumps(payload, indent=2, default=_json_default))
+        if split is not None:
+            split.save(tmp / "split.json")
+        if out.exists():
+            backup = out.with_name(f".{out.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            out.rename(backup)
+            tmp.rename(out)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def run_training(
+    ds: LesionDataset,
+    cfg: TrainConfig,
+    out: str | Path,
+    split_file: str | Path | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train, quantize, convert and write ``out/{model.fbz,quantized.h5,float.h5,metrics.json}``.
+
+    Raises
+    ------
+    ModelError
+        When the Akida model disagrees with the quantized model below ``cfg.min_agreement``
+        (nothing is written then).
+    """
+    t0 = time.perf_counter()
+    arrays, split = prepare_arrays(ds, cfg, split_file, progress)
+    result = train_and_convert(arrays, cfg, progress)
+    parity = result["parity"]
+    parity_json = parity.to_dict()
+    if not parity.passed:
+        raise ModelError(
+            f"the Akida model agrees with the quantized model on only "
+            f"{parity.top1_agreement:.1%} of {parity.n_images} test images "
+            f"(< min_agreement {cfg.min_agreement:.0%}); nothing was written",
+            "train longer/QAT more, or lower --min-agreement knowingly",
+        )
+    from .convert import model_hash
+
+    payload = {
+        "variant": cfg.variant,
+        "size": cfg.size,
+        "class_names": list(arrays.class_names),
+        "config": asdict(cfg),
+        "data": arrays.info,
+        "split": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
+        "training": result["training"],
+        "parity": parity_json,
+        "akida_hash": model_hash(result["akida_model"]),
+        "seconds": time.perf_counter() - t0,
+        **result["metrics"],
+    }
+    out_dir = write_run(out, result, payload, split)
+    log.info("wrote %s", out_dir)
+    return payload
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,159 @@
+"""``qanafed model train`` and ``qanafed model evaluate``: centralized training and scoring."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from qanafed.cli._common import console, print_json, stdout_to_stderr
+
+
+@contextmanager
+def stage_progress() -> Iterator[Callable[[str, int, int], None]]:
+    """Show a rich progress display with one bar per pipeline stage."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    labels = {
+        "quality": "quality filter",
+        "load": "decoding images",
+        "float": "float training",
+        "qat": "quantization-aware training",
+    }
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bars:
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(labels.get(stage, stage), total=total)
+            bars.update(tasks[stage], completed=done, total=total)
+
+        yield update
+
+
+def train(
+    data: Annotated[str, typer.Option(help="Dataset folder/file, or 'synthetic[:n=..,size=..]'.")],
+    out: Annotated[Path, typer.Option(help="Output folder (written atomically).")],
+    variant: Annotated[str, typer.Option(help="Model variant (qanafed model list).")] = (
+        "qana-akd1000"
+    ),
+    size: Annotated[int, typer.Option(help="Input side in pixels.")] = 64,
+    epochs: Annotated[int, typer.Option(help="Max float epochs (early stop on val).")] = 20,
+    qat_epochs: Annotated[int, typer.Option(help="Max QAT epochs (0: post-training).")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 32,
+    lr: Annotated[float, typer.Option(help="Float learning rate.")] = 1e-3,
+    qat_lr: Annotated[float | None, typer.Option(help="QAT learning rate [lr/10].")] = None,
+    width: Annotated[float, typer.Option(help="Channel width multiplier.")] = 1.0,
+    balance: Annotated[str, typer.Option(help="Train balancing: smote|oversample|none.")] = (
+        "smote"
+    ),
+    class_weighted: Annotated[bool, typer.Option(help="Class-weighted loss.")] = False,
+    augment: Annotated[bool, typer.Option(help="Augment training batches.")] = True,
+    split: Annotated[Path | None, typer.Option(help="Reuse a split file (data split).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of split, balancing, augmentation, init.")] = 0,
+    patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs.")] = 5,
+    min_agreement: Annotated[
+        float, typer.Option(help="Akida-vs-quantized top-1 agreement needed to save.")
+    ] = 0.9,
+    quality_filter: Annotated[
+        bool, typer.Option(help="Drop unreadable/tiny/dark/bright/blurry images.")
+    ] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print metrics.json on stdout.")] = False,
+) -> None:
+    """Train a QANA model: float → quantize (calibrated) → QAT → Akida, scored on the test split."""
+    from common.loaders import load_dataset
+    from common.metrics import headline
+    from common.train import TrainConfig, run_training
+
+    cfg = TrainConfig(
+        variant=variant,
+        size=size,
+        width=width,
+        epochs=epochs,
+        qat_epochs=qat_epochs,
+        batch_size=batch_size,
+        lr=lr,
+        qat_lr=qat_lr,
+        balance=balance,
+        class_weighted=class_weighted,
+        augment=augment,
+        seed=seed,
+        patience=patience,
+        min_agreement=min_agreement,
+        quality_filter=quality_filter,
+    )
+    ds = load_dataset(data)
+    with stage_progress() as progress, stdout_to_stderr():
+        payload = run_training(ds, cfg, out, split_file=split, progress=progress)
+    if json_out:
+        print_json(payload)
+        return
+    for kind in ("float", "quantized", "akida"):
+        console.print(f"test {kind:<9} {headline(payload[kind])}")
+    console.print(
+        f"Akida/quantized agreement {payload['parity']['top1_agreement']:.1%}; "
+        f"wrote {out}/model.fbz"
+    )
+
+
+def evaluate(
+    model: Annotated[Path, typer.Option(help="Akida model file (DIR/model.fbz).")],
+    data: Annotated[str, typer.Option(help="Dataset folder/file in any supported format.")],
+    classes: Annotated[
+        str | None, typer.Option(help="Model class names in label order, comma-separated.")
+    ] = None,
+    split: Annotated[Path | None, typer.Option(help="Score one part of this split file.")] = None,
+    part: Annotated[str, typer.Option(help="Which part of --split: train|val|test.")] = "test",
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Score a saved Akida model on any supported dataset (classes matched by name)."""
+    from common.errors import ConfigError
+    from common.evaluate import evaluate_akida
+    from common.loaders import load_dataset
+    from common.metrics import headline
+
+    ds = load_dataset(data)
+    indices = None
+    if split is not None:
+        from common.splits import Split
+
+        if part not in ("train", "val", "test"):
+            raise ConfigError(f"--part {part!r} is not a split part", "use train, val or test")
+        indices = getattr(Split.load(split, ds), part)
+    names = [c.strip() for c in classes.split(",")] if classes else None
+    with stage_progress() as progress, stdout_to_stderr():
+        result = evaluate_akida(
+            model,
+            ds,
+            class_names=names,
+            indices=indices,
+            progress=lambda d, t: progress("load", d, t),
+        )
+    if json_out:
+        print_json(result)
+        return
+    from rich.table import Table
+
+    table = Table("class", "precision", "recall", "f1", "support", title=str(model))
+    for name, m in result["per_class"].items():
+        table.add_row(
+            name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"])
+        )
+    console.print(table)
+    console.print(headline(result))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``train`` and ``evaluate`` to the ``model`` group."""
+    app.command("train")(train)
+    app.command("evaluate")(evaluate)

@@ -1,0 +1,142 @@
+"""Centralized training pipeline and `qanafed model train/evaluate` on tiny synthetic data."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from common.errors import ConfigError, DataError, ModelError
+from common.loaders import load_dataset
+from common.splits import Split
+from common.train import TrainConfig, prepare_arrays, run_training
+from qanafed.cli import app
+
+DATA = "synthetic:n=240,size=48,sites=3,seed=3"
+METRIC_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix"}
+
+
+def tiny_config(**kw) -> TrainConfig:
+    base = dict(variant="qana-akd1000", size=48, width=0.25, epochs=2, qat_epochs=1,
+                batch_size=32, balance="oversample", calibration_samples=64,
+                min_agreement=0.05, augment=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "run"
+    result = CliRunner().invoke(app, [
+        "model", "train", "--data", DATA, "--variant", "qana-akd1000", "--size", "48",
+        "--out", str(out), "--width", "0.25", "--epochs", "2", "--qat-epochs", "1",
+        "--balance", "oversample", "--no-augment", "--min-agreement", "0.05", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout)
+
+
+def test_train_writes_akida_model_and_metrics_for_float_quantized_akida(trained):
+    out, payload = trained
+    assert sorted(p.name for p in out.iterdir()) == [
+        "float.h5", "metrics.json", "model.fbz", "quantized.h5", "split.json"
+    ]
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["akida_hash"] == payload["akida_hash"]
+    for kind in ("float", "quantized", "akida"):
+        assert METRIC_KEYS <= set(on_disk[kind])
+        assert on_disk[kind]["num_examples"] == payload["split"]["test"]
+        assert set(on_disk[kind]["per_class"]) == set(on_disk["class_names"])
+    assert 0.0 <= on_disk["parity"]["top1_agreement"] <= 1.0
+    assert on_disk["config"]["variant"] == "qana-akd1000"
+    # not a single hidden leftover of the atomic write
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_saved_split_is_lesion_grouped_and_reloads(trained):
+    out, payload = trained
+    ds = load_dataset(DATA)
+    split = Split.load(out / "split.json", ds)
+    groups = [set(ds.lesion_ids[getattr(split, part)]) for part in ("train", "val", "test")]
+    assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
+    assert len(split.test) == payload["split"]["test"]
+
+
+def test_evaluate_cli_gives_metrics_json_keys_on_the_test_split(trained):
+    out, payload = trained
+    result = CliRunner().invoke(app, [
+        "model", "evaluate", "--model", str(out / "model.fbz"), "--data", DATA,
+        "--split", str(out / "split.json"), "--part", "test", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.stdout)
+    assert METRIC_KEYS <= set(scored)
+    # same model, same images, same preprocessing: the exact figures of training's test report
+    assert scored["confusion_matrix"] == payload["akida"]["confusion_matrix"]
+    assert scored["balanced_accuracy"] == pytest.approx(payload["akida"]["balanced_accuracy"])
+
+
+def test_evaluate_refuses_data_with_classes_the_model_does_not_know(trained, tmp_path):
+    out, _ = trained
+    from common.evaluate import evaluate_akida
+    from common.synthetic import make_synthetic
+
+    gi = make_synthetic(n=40, size=48, seed=0, mode="endoscopy")
+    with pytest.raises(DataError, match="does not know"):
+        evaluate_akida(out / "model.fbz", gi)
+
+
+def test_evaluate_refuses_a_file_that_is_not_an_akida_model(tmp_path):
+    bogus = tmp_path / "model.fbz"
+    bogus.write_bytes(b"not a model")
+    result = CliRunner().invoke(app, ["model", "evaluate", "--model", str(bogus), "--data", DATA])
+    assert result.exit_code != 0
+    assert "not a readable Akida model" in str(result.exception) + result.output
+
+
+def test_balancing_touches_the_training_split_only():
+    ds = load_dataset(DATA)
+    arrays, split = prepare_arrays(ds, tiny_config(balance="smote"))
+    assert len(arrays.y_val) == len(split.val) and len(arrays.y_test) == len(split.test)
+    np.testing.assert_array_equal(arrays.y_test, ds.labels[split.test])
+    counts = np.bincount(arrays.y_train, minlength=ds.num_classes)
+    present = counts[np.bincount(ds.labels[split.train], minlength=ds.num_classes) > 0]
+    assert len(set(present.tolist())) == 1  # every class present in train is equalised
+    assert arrays.info["train_after_balance"] > arrays.info["train_before_balance"]
+
+
+def test_parity_guard_refuses_to_write_and_leaves_existing_output(tmp_path):
+    ds = load_dataset("synthetic:n=160,size=48,sites=2,seed=4")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier run")
+    cfg = tiny_config(epochs=1, qat_epochs=0, min_agreement=1.0)
+    try:
+        run_training(ds, cfg, out)
+    except ModelError as err:
+        assert "nothing was written" in str(err)
+    else:  # perfect agreement is possible on this stack; then the run must have replaced out
+        assert (out / "model.fbz").is_file()
+        return
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_config_errors_echo_the_value():
+    with pytest.raises(ConfigError, match="balance='mixup'"):
+        TrainConfig(balance="mixup")
+    with pytest.raises(ConfigError, match="min_agreement=1.5"):
+        TrainConfig(min_agreement=1.5)
+
+
+def test_everything_dropped_by_quality_filter_is_a_clear_error(tmp_path):
+    from common.dataset import LesionDataset
+
+    n = 12
+    dark = LesionDataset(
+        images=np.zeros((n, 48, 48, 3), np.uint8), labels=np.arange(n) % 2,
+        class_names=("a", "b"), lesion_ids=np.array([f"L{i}" for i in range(n)]),
+        sites=np.array(["s"] * n), image_ids=np.array([f"I{i}" for i in range(n)]),
+    )
+    with pytest.raises(DataError, match="dropped all 12 images"):
+        prepare_arrays(dark, tiny_config())
