@@ -25,7 +25,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.run_all
+	$(BIN)/python -m bench.data_pipeline
+	$(BIN)/python -m bench.qana_akida
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -20,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 import common  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+from bench._report import machine, update_section
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -82,39 +82,6 @@ def run_pil(paths: list[str], size: int, batch: int, rng: np.random.Generator) -
     return count / (time.perf_counter() - start)
 
 
-def machine() -> dict[str, object]:
-    """CPU count, model, RAM and load at the time of the run."""
-    model = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as f:
-        mem_kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
-    return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "ram_gb": round(mem_kb / 1024**2, 1),
-        "load_avg_1min": round(os.getloadavg()[0], 2),
-        "python": platform.python_version(),
-    }
-
-
-def update_results_md(text: str) -> None:
-    """Replace (or append) the ``## Input pipeline`` section of bench/RESULTS.md."""
-    current = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmarks\n"
-    lines = current.splitlines()
-    if SECTION in lines:
-        start = lines.index(SECTION)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-                   len(lines))
-        lines[start:end] = text.rstrip("\n").splitlines() + [""]
-    else:
-        lines += ["", *text.rstrip("\n").splitlines()]
-    RESULTS_MD.write_text("\n".join(lines).rstrip("\n") + "\n")
-
-
 def render(result: dict) -> str:
     """Markdown for the RESULTS.md section."""
     m = result["machine"]
@@ -123,10 +90,8 @@ def render(result: dict) -> str:
         f"{r['pil_median']:.0f} | {r['ratio']:.2f} |"
         for r in result["rows"]
     )
-    return f"""{SECTION}
-
-`python -m bench.data_pipeline --n {result['n']}` ({result['date']}): {result['data']},
-{result['n']} images ({result['source_side']}), batch {result['batch']}, median of
+    return f"""`python -m bench.data_pipeline --n {result['n']}` ({result['date']}):
+{result['data']}, {result['n']} images ({result['source_side']}), batch {result['batch']}, median of
 {result['repeats']} interleaved repeats.
 
 - Machine: {m['cpu_model']}, {m['nproc']} cores shared with other work (1-min load average
@@ -224,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_write:
         RESULTS_DIR.mkdir(exist_ok=True)
         (RESULTS_DIR / "data_pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
-        update_results_md(render(result))
+        update_section(RESULTS_MD, SECTION.removeprefix("## "), render(result))
         print(f"wrote {RESULTS_DIR / 'data_pipeline.json'} and {RESULTS_MD}")
     if tmp is not None:
         tmp.cleanup()
