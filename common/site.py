@@ -19,12 +19,12 @@ from .aggregate import EXCHANGED
 from .errors import DataError
 from .fedconfig import FedConfig
 from .log import get_logger
-from .weights import BN_STATS, QUANTIZER, TRAINABLE, get_arrays, set_arrays
+from .weights import get_arrays, set_arrays
 
 log = get_logger("site")
 
-#: Groups that rebuild a quantized model completely.
-_ALL_Q = (TRAINABLE, BN_STATS, QUANTIZER)
+#: Local training runs eagerly up to this many batches (graph tracing is slower for fewer).
+EAGER_MAX_BATCHES = 40
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,6 @@ def train_local(
     optimizer = keras.optimizers.Adam(learning_rate=lr)
     anchors = [tf.constant(w.numpy()) for w in model.trainable_weights]
 
-    @tf.function
     def step(xb, yb):
         with tf.GradientTape() as tape:
             loss = loss_fn(yb, model(xb, training=True))
@@ -263,6 +262,10 @@ def train_local(
         optimizer.apply_gradients(zip(grads, model.trainable_weights, strict=True))
         return loss
 
+    # Tracing a quantized model's training graph costs more than a few eager batches.
+    batches = epochs * -(-len(x) // cfg.batch_size)
+    if batches > EAGER_MAX_BATCHES:
+        step = tf.function(step)
     losses: list[float] = []
     for epoch in range(epochs):
         ds = make_dataset(x, y, batch_size=cfg.batch_size, augment=cfg.augment, shuffle=True,

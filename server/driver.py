@@ -18,7 +18,6 @@ from common.checkpoint import Checkpoint, load_latest, save_checkpoint
 from common.errors import SecurityError
 from common.fedconfig import FedConfig
 from common.log import get_logger
-from common.weights import nbytes
 
 from . import protocol as P
 from .global_model import GlobalModel
@@ -283,6 +282,7 @@ class FederatedRun:
             server_hash = self.model.finalize(arrays, self.out_dir)
             config["server-hash"] = server_hash or ""
         contents = {n: P.request_content(arrays, config) for n in nodes}
+        sent = sum(P.record_nbytes(c) for c in contents.values())
         result = run_round(self.grid, contents, step.message_type, self.cfg.timeouts.round,
                            self.cfg.quorum.min_replies, label=self._label, what=what)
         # Sum in site order: float addition order must not depend on (random) node ids.
@@ -307,7 +307,7 @@ class FederatedRun:
             "phase": step.phase,
             "index": step.index,
             "seconds": round(seconds, 2),
-            "bytes_sent": nbytes(arrays) * len(nodes) if step.phase != "finalize" else 0,
+            "bytes_sent": sent,
             "bytes_received": received,
             "sites": reports,
             "dropped": {self._label(n): why for n, why in result.failures.items()},

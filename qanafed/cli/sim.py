@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -79,7 +80,8 @@ def sim(
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue from the last complete round in OUT/checkpoints.")] = False,
     parallel: Annotated[int | None, typer.Option(
-        "--parallel", min=1, help="Sites trained at once (each ~1 GB RAM); default: all.")] = None,
+        "--parallel", min=1,
+        help="Sites trained at once (each ~3 GB RAM); default: min(sites, CPU cores).")] = None,
     metrics_key: Annotated[Path | None, typer.Option(
         "--metrics-key", exists=True, dir_okay=False,
         help="Coordinator metrics private key (PEM); default: OUT/keys/metrics.key, created "
@@ -105,6 +107,7 @@ def sim(
     follower = threading.Thread(target=_follow, args=(out / "progress.jsonl", stop,
                                                       len(plan(cfg))), daemon=True)
     follower.start()
+    parallel = parallel or max(1, min(cfg.partition.sites, os.cpu_count() or 1))
     start = time.monotonic()
     try:
         simulate(server_app, client_app, num_sites=cfg.partition.sites, parallel=parallel,
