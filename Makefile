@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine (see README.md):
-#   make demo   set up .venv, then run the main job on built-in synthetic data
+#   make demo   set up .venv, then run the main job (a 3-site federated simulation) on synthetic data
 #   make test   set up .venv, then run the test suite
 PYTHON ?= python3.11
 VENV   := .venv
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/qanafed demo --out $(OUT)
+	$(BIN)/qanafed sim --config simulations/demo.yaml --out $(OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
