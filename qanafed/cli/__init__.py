@@ -7,7 +7,7 @@ import logging
 import typer
 
 from qanafed import __version__
-from qanafed.cli import data, model, sim
+from qanafed.cli import data, model, provision, sim
 
 app = typer.Typer(
     name="qanafed",
@@ -18,6 +18,7 @@ app = typer.Typer(
 app.add_typer(data.app, name="data")
 app.add_typer(model.app, name="model")
 app.command("sim")(sim.sim)
+app.command("provision")(provision.provision)
 
 
 def _version(value: bool) -> None:
