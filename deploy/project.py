@@ -118,7 +118,17 @@ def _relative(value: str) -> str:
     return value
 
 
+def _install_dir(value: str) -> str:
+    if not value.startswith("/") or any(c.isspace() or c in "\"'$`\\%" for c in value):
+        raise ValueError(
+            f"install-dir {value!r} must be an absolute path without spaces, quotes, '$' or '%' "
+            "(systemd unit paths), e.g. /opt/qanafed/hospital-a"
+        )
+    return value
+
+
 SiteName = Annotated[str, AfterValidator(_dns_label)]
+InstallDir = Annotated[str, AfterValidator(_install_dir)]
 Host = Annotated[str, AfterValidator(_host)]
 ProjectName = Annotated[str, AfterValidator(_project_name)]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -177,7 +187,7 @@ class CoordinatorSpec(_Section):
     runtime_port: Port = DEFAULT_RUNTIME_PORT
     control_port: Port = DEFAULT_CONTROL_PORT
     extra_sans: list[Host] = Field(default_factory=list)
-    install_dir: str = "/opt/qanafed/coordinator"
+    install_dir: InstallDir = "/opt/qanafed/coordinator"
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> CoordinatorSpec:
@@ -237,7 +247,7 @@ class SiteSpec(_Section):
     data: Annotated[str, Field(min_length=1)]
     device: Device
     runtime_port: Port | None = None
-    install_dir: str | None = None
+    install_dir: InstallDir | None = None
 
     @property
     def kit_install_dir(self) -> str:

@@ -213,7 +213,7 @@ class _Provisioner:
 
     def note(self, owner: str, item: str, action: str, path: Path, fp: str | None = None) -> None:
         self.artifacts.append(Artifact(owner, item, action, path, fp))
-        _log.info("%s %s: %s (%s)", owner, item, action, path)
+        _log.debug("%s %s: %s (%s)", owner, item, action, path)
 
     def _previous_manifest(self) -> dict[str, Any]:
         path = self.out / MANIFEST

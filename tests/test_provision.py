@@ -299,6 +299,8 @@ def test_stray_key_in_site_keys_is_refused(copy):
          "{name: a, data: /e, device: cpu}]\n", r"unique, got \['a'\]"),
         ("name: demo\ncoordinator: {address: h}\nsites: [{name: a, data: /d, device: cpu, "
          "runtime-port: 9092}]\n", "also a coordinator port"),
+        ("name: demo\ncoordinator: {address: h}\nsites: [{name: a, data: /d, device: cpu, "
+         "install-dir: 'opt/my kit'}]\n", "must be an absolute path"),
     ],
 )
 def test_bad_project_file_is_refused_with_the_value(tmp_path, text, expected):
@@ -307,6 +309,12 @@ def test_bad_project_file_is_refused_with_the_value(tmp_path, text, expected):
     with pytest.raises(ConfigError, match=expected) as err:
         load_project(path)
     assert str(path) in str(err.value)
+
+
+def test_example_project_is_valid():
+    project = load_project(Path(__file__).parent.parent / "deploy" / "example-project.yaml")
+    assert [s.device for s in project.sites] == ["akd1000", "akida2-6n", "cpu"]
+    assert project.coordinator.sans() == (["localhost"], ["127.0.0.1"])
 
 
 # ------------------------------------------------------------------------ keys work for real
