@@ -182,7 +182,7 @@ class SiteKit:
 
     @property
     def superlink(self) -> str:
-        """Fleet API address ``host:port``."""
+        """SuperLink address ``host:port``."""
         return self.config.superlink
 
     def node_config(self) -> dict[str, str]:
@@ -289,9 +289,9 @@ class CoordinatorKit:
     revoked: list[RevokedKey]
 
     @property
-    def fleet_address(self) -> str:
-        """``address:fleet-port`` the sites connect to."""
-        return format_address(self.config.address, self.config.fleet_port)
+    def superlink_address(self) -> str:
+        """``address:port`` the sites connect to (``flower-supernode --superlink``)."""
+        return format_address(self.config.address, self.config.port)
 
 
 def validate_coordinator_kit(kit_dir: str | Path) -> CoordinatorKit:

@@ -1,16 +1,18 @@
 """Schemas of PROJECT.yaml (what to provision) and of the kits' site.yaml and coordinator.yaml.
 
 All files use kebab-case keys and refuse unknown keys; every error names the file, the key, the
-received value and the allowed values. Ports follow flwr 1.41 (``flower-superlink --help``):
+received value and the allowed values. Ports follow flwr 1.41 as installed (checked by running
+``flower-superlink``/``flower-supernode``, not only ``--help``):
 
-* ``fleet-port`` (default 9092): the Fleet API SuperNodes connect to
-  (``flower-superlink --fleet-api-address``, ``flower-supernode --superlink HOST:PORT``).
-* ``runtime-port`` (default 8000): the SuperLink's Runtime HTTP API, which replaced ServerAppIo
-  (``flower-superlink --port``; ``--serverappio-api-address`` is refused by flwr 1.41).
-* ``control-port`` (default 9093): the Control API the ``flwr`` CLI talks to
-  (``flower-superlink --control-api-address``).
-* a site's ``runtime-port`` (default 9094, 9095, ... per site): the SuperNode's Runtime HTTP API,
-  which replaced ClientAppIo (``flower-supernode --port``); distinct per node on one host.
+* the coordinator's ``port`` (default 8000): ONE HTTPS port on which the SuperLink serves the
+  Fleet API (SuperNodes), the Control API (``flwr`` CLI) and the Runtime API (ServerApp/SuperExec):
+  ``flower-superlink --host BIND-HOST --port PORT``; SuperNodes use ``--superlink ADDRESS:PORT``.
+  ``--fleet-api-address`` / ``--control-api-address`` are deprecated and do not open a port, and
+  ``--serverappio-api-address`` is refused.
+* ``bind-host`` (default ``0.0.0.0``): the interface the SuperLink listens on (flwr's own default,
+  127.0.0.1, would refuse every remote site).
+* a site's ``runtime-port`` (default 9094, 9095, ... per site): the SuperNode's own Runtime HTTP
+  API, which replaced ClientAppIo (``flower-supernode --port``); distinct per node on one host.
 """
 
 from __future__ import annotations
@@ -33,9 +35,7 @@ from pydantic import (
 from common.errors import ConfigError
 
 __all__ = [
-    "DEFAULT_CONTROL_PORT",
-    "DEFAULT_FLEET_PORT",
-    "DEFAULT_RUNTIME_PORT",
+    "DEFAULT_PORT",
     "DEFAULT_SITE_RUNTIME_PORT",
     "DEVICES",
     "CoordinatorConfig",
@@ -55,9 +55,7 @@ __all__ = [
 ]
 
 DEVICES = ("akd1000", "akd1500", "akida2-6n", "cpu")
-DEFAULT_FLEET_PORT = 9092
-DEFAULT_RUNTIME_PORT = 8000
-DEFAULT_CONTROL_PORT = 9093
+DEFAULT_PORT = 8000
 DEFAULT_SITE_RUNTIME_PORT = 9094
 
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -66,11 +64,16 @@ _HOST = re.compile(
 )
 _PROJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: Keys of older Flower versions, with what replaces them here.
+_ONE_PORT = (
+    "port (flwr 1.41 serves the Fleet, Control and Runtime APIs on one HTTPS port, "
+    "`flower-superlink --port`, default 8000)"
+)
 _RENAMED = {
-    "serverappio-port": "runtime-port (flwr 1.41 serves ServerAppIo as the Runtime HTTP API, "
-    "`flower-superlink --port`, default 8000)",
-    "clientappio-port": "runtime-port (flwr 1.41 serves ClientAppIo as the Runtime HTTP API, "
-    "`flower-supernode --port`, default 9094)",
+    "fleet-port": _ONE_PORT,
+    "control-port": _ONE_PORT,
+    "serverappio-port": _ONE_PORT,
+    "clientappio-port": "runtime-port (flwr 1.41 serves ClientAppIo as the SuperNode's Runtime "
+    "HTTP API, `flower-supernode --port`, default 9094)",
 }
 
 
@@ -148,7 +151,7 @@ def is_loopback(host: str) -> bool:
 
 
 def format_address(host: str, port: int) -> str:
-    """Return ``host:port``, bracketing IPv6 addresses (``[::1]:9092``)."""
+    """Return ``host:port``, bracketing IPv6 addresses (``[::1]:8000``)."""
     try:
         if ipaddress.ip_address(host).version == 6:
             return f"[{host}]:{port}"
@@ -169,12 +172,11 @@ class CoordinatorSpec(_Section):
         DNS-safe id of the coordinator.
     address : str
         Host name or IP address the sites connect to; it goes into the TLS certificate's SAN.
-    fleet-port : int (default: 9092)
-        Fleet API port (SuperNodes connect here).
-    runtime-port : int (default: 8000)
-        SuperLink Runtime HTTP API port (ServerApp side, local to the coordinator).
-    control-port : int (default: 9093)
-        Control API port (``flwr`` CLI).
+    port : int (default: 8000)
+        The SuperLink's HTTPS port: Fleet, Control and Runtime APIs (``flower-superlink --port``).
+    bind-host : str (default: "0.0.0.0")
+        Interface the SuperLink listens on (``flower-superlink --host``); ``127.0.0.1`` keeps it
+        to this machine.
     extra-sans : list[str] (default: [])
         Further host names or IPs the certificate must cover (e.g. a second network interface).
     install-dir : str (default: "/opt/qanafed/coordinator")
@@ -183,32 +185,17 @@ class CoordinatorSpec(_Section):
 
     name: SiteName = "coordinator"
     address: Host
-    fleet_port: Port = DEFAULT_FLEET_PORT
-    runtime_port: Port = DEFAULT_RUNTIME_PORT
-    control_port: Port = DEFAULT_CONTROL_PORT
+    port: Port = DEFAULT_PORT
+    bind_host: Host = "0.0.0.0"
     extra_sans: list[Host] = Field(default_factory=list)
     install_dir: InstallDir = "/opt/qanafed/coordinator"
-
-    @model_validator(mode="after")
-    def _distinct_ports(self) -> CoordinatorSpec:
-        ports = [self.fleet_port, self.runtime_port, self.control_port]
-        if len(set(ports)) != len(ports):
-            raise ValueError(
-                f"fleet-port, runtime-port and control-port must differ, got {ports}"
-            )
-        return self
-
-    @property
-    def ports(self) -> tuple[int, int, int]:
-        """The fleet, runtime and control ports."""
-        return self.fleet_port, self.runtime_port, self.control_port
 
     def sans(self) -> tuple[list[str], list[str]]:
         """Return the ``(hostnames, ips)`` the SuperLink certificate must cover.
 
         The address and extra SANs, plus ``localhost`` and ``127.0.0.1`` always: flwr's
-        SuperExec and ``flwr`` CLI on the coordinator reach the SuperLink's Runtime and Control
-        APIs over TLS on 127.0.0.1 and check the certificate against the same CA.
+        SuperExec (``--runtime-api-address 127.0.0.1:PORT --root-certificates ca.crt``) and the
+        ``flwr`` CLI on the coordinator reach the SuperLink over TLS on 127.0.0.1.
         """
         hostnames: list[str] = []
         ips: list[str] = []
@@ -292,11 +279,10 @@ class Project(_Section):
         clash = sorted({p for p in explicit if explicit.count(p) > 1})
         if clash:
             raise ValueError(f"sites' runtime-port must be distinct, got {clash} more than once")
-        taken = sorted(set(explicit) & set(self.coordinator.ports))
-        if taken:
+        if self.coordinator.port in explicit:
             raise ValueError(
-                f"site runtime-port {taken} is also a coordinator port "
-                f"{list(self.coordinator.ports)}; choose another"
+                f"site runtime-port {self.coordinator.port} is also the coordinator's port; "
+                "choose another"
             )
         return self
 
@@ -333,7 +319,7 @@ class SiteConfig(_Section):
     device : str
         ``akd1000``, ``akd1500``, ``akida2-6n`` or ``cpu``.
     superlink : str
-        Fleet API address ``host:port`` (``flower-supernode --superlink``).
+        SuperLink address ``host:port`` (``flower-supernode --superlink``).
     runtime-port : int
         SuperNode Runtime HTTP API port (``flower-supernode --port``).
     files : SiteFiles
@@ -354,7 +340,7 @@ class SiteConfig(_Section):
         host, sep, port = self.superlink.rpartition(":")
         host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
         if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ValueError(f"superlink {self.superlink!r} must be HOST:PORT, e.g. 10.0.0.5:9092")
+            raise ValueError(f"superlink {self.superlink!r} must be HOST:PORT, e.g. 10.0.0.5:8000")
         _host(host)
         return self
 
@@ -410,8 +396,10 @@ class CoordinatorConfig(_Section):
         Coordinator id.
     address : str
         Address the sites connect to (covered by ``server.crt``).
-    fleet-port, runtime-port, control-port : int
-        SuperLink ports (see the module docstring).
+    port : int
+        The SuperLink's HTTPS port (Fleet, Control, Runtime APIs).
+    bind-host : str
+        Interface the SuperLink listens on.
     sites : list[SiteEntry]
         Admitted sites and their key files (``site-keys/<site>.pub``).
     revoked : list[RevokedKey] (default: [])
@@ -424,9 +412,8 @@ class CoordinatorConfig(_Section):
     project: ProjectName
     name: SiteName
     address: Host
-    fleet_port: Port
-    runtime_port: Port
-    control_port: Port
+    port: Port
+    bind_host: Host
     sites: list[SiteEntry] = Field(default_factory=list)
     revoked: list[RevokedKey] = Field(default_factory=list)
     files: CoordinatorFiles = Field(default_factory=CoordinatorFiles)

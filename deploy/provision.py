@@ -390,7 +390,7 @@ class _Provisioner:
             old = before.get(site.name, {}).get("runtime-port")
             if site.name not in ports and old is not None and old not in ports.values():
                 ports[site.name] = old
-        taken = set(ports.values()) | set(self.project.coordinator.ports)
+        taken = set(ports.values()) | {self.project.coordinator.port}
         candidate = DEFAULT_SITE_RUNTIME_PORT
         for site in self.project.sites:
             if site.name in ports:
@@ -413,7 +413,7 @@ class _Provisioner:
             site=site,
             data=spec.data,
             device=spec.device,
-            superlink=format_address(coordinator.address, coordinator.fleet_port),
+            superlink=format_address(coordinator.address, coordinator.port),
             runtime_port=port,
         )
         header = (
@@ -453,9 +453,8 @@ class _Provisioner:
             project=self.project.name,
             name=spec.name,
             address=spec.address,
-            fleet_port=spec.fleet_port,
-            runtime_port=spec.runtime_port,
-            control_port=spec.control_port,
+            port=spec.port,
+            bind_host=spec.bind_host,
             sites=entries,
             revoked=revoked,
         )
@@ -508,9 +507,8 @@ class _Provisioner:
             "coordinator": {
                 "name": spec.name,
                 "address": spec.address,
-                "fleet-port": spec.fleet_port,
-                "runtime-port": spec.runtime_port,
-                "control-port": spec.control_port,
+                "port": spec.port,
+                "bind-host": spec.bind_host,
                 "kit": _COORD_DIR,
             },
             "sites": {

@@ -101,7 +101,7 @@ def test_full_provisioning_layout_and_modes(kits):
     assert (site_a / "ca.crt").read_bytes() == (out / "ca/ca.crt").read_bytes()
     assert (site_a / "metrics.pub").read_bytes() == (coord / "metrics.pub").read_bytes()
     assert (coord / "site-keys/a.pub").read_bytes() == (site_a / "supernode.pub").read_bytes()
-    assert site_yaml["site"] == "a" and site_yaml["superlink"] == f"{ADDRESS}:9092"
+    assert site_yaml["site"] == "a" and site_yaml["superlink"] == f"{ADDRESS}:8000"
     assert site_yaml["device"] == "akd1000" and site_yaml["data"] == str(tmp / "data" / "a")
     assert [s["runtime-port"] for s in coord_yaml["sites"]] == [9094, 9095]
     assert coord_yaml["revoked"] == [] and coord_yaml["address"] == ADDRESS
@@ -121,7 +121,7 @@ def test_every_kit_validates(kits):
     coord = validate_coordinator_kit(out / "coordinator")
     site = validate_site_kit(out / "sites" / "a")
     assert sorted(coord.site_keys) == ["a", "b"] and coord.revoked == []
-    assert coord.fleet_address == f"{ADDRESS}:9092"
+    assert coord.superlink_address == f"{ADDRESS}:8000"
     assert site.node_config() == {
         "site-id": "a", "data-path": str(tmp / "data" / "a"),
         "metrics-public-key": str(out / "sites/a/metrics.pub"), "device": "akd1000"}
@@ -287,8 +287,8 @@ def test_stray_key_in_site_keys_is_refused(copy):
     ("text", "expected"),
     [
         ("name: demo\ncoordinator:\n  address: [oops\n", r"not valid YAML at line \d+, column"),
-        ("name: demo\ncoordinator: {address: h, serverappio-port: 9091}\n"
-         "sites: [{name: a, data: /d, device: cpu}]\n", "it is now runtime-port"),
+        ("name: demo\ncoordinator: {address: h, fleet-port: 9092}\n"
+         "sites: [{name: a, data: /d, device: cpu}]\n", "it is now port .*one HTTPS port"),
         ("name: demo\ncoordinator: {address: h}\nsites: [{name: Hospital A, data: /d, "
          "device: cpu}]\n", "'Hospital A' is not a DNS-safe name"),
         ("name: demo\ncoordinator: {address: h}\nsites: [{name: a, data: /d, device: gpu}]\n",
@@ -298,7 +298,7 @@ def test_stray_key_in_site_keys_is_refused(copy):
         ("name: demo\ncoordinator: {address: h}\nsites: [{name: a, data: /d, device: cpu}, "
          "{name: a, data: /e, device: cpu}]\n", r"unique, got \['a'\]"),
         ("name: demo\ncoordinator: {address: h}\nsites: [{name: a, data: /d, device: cpu, "
-         "runtime-port: 9092}]\n", "also a coordinator port"),
+         "runtime-port: 8000}]\n", "also the coordinator's port"),
         ("name: demo\ncoordinator: {address: h}\nsites: [{name: a, data: /d, device: cpu, "
          "install-dir: 'opt/my kit'}]\n", "must be an absolute path"),
     ],
