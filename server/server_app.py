@@ -46,7 +46,8 @@ def run_server(
     settings : Mapping[str, Any]
         ``scenario`` (YAML path) or ``scenario-config`` (a :class:`FedConfig`), ``data``
         (override), ``out-dir``, ``metrics-private-key`` (PEM path), ``resume`` (bool),
-        ``stop-after`` (int, 0 = run to the end).
+        ``stop-after`` (int, 0 = run to the end), ``ledger`` (SQLite run ledger path; empty:
+        none).
     model_factory : ModelFactory (default: QANA)
         Builds the server-side model operations.
 
@@ -68,6 +69,13 @@ def run_server(
     out_dir = Path(_setting(settings, "out-dir", "runs/latest"))
     key_path = _setting(settings, "metrics-private-key") or str(out_dir / "keys" / "metrics.key")
     receiver = Receiver(load_metrics_private_key(key_path))
+    ledger = _setting(settings, "ledger")  # deployment: every opened/refused report → SQLite
+    if ledger:
+        from deploy.ledger import LedgerReceiver
+
+        from .driver import plan
+
+        receiver = LedgerReceiver(receiver, ledger, {s.number: s.phase for s in plan(cfg)})
     start = time.monotonic()
     run = FederatedRun(
         grid, cfg, model_factory, receiver, out_dir,
