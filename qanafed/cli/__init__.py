@@ -7,7 +7,7 @@ import logging
 import typer
 
 from qanafed import __version__
-from qanafed.cli import data, model, provision, sim
+from qanafed.cli import coord, data, model, provision, sim, site
 
 app = typer.Typer(
     name="qanafed",
@@ -17,6 +17,8 @@ app = typer.Typer(
 )
 app.add_typer(data.app, name="data")
 app.add_typer(model.app, name="model")
+app.add_typer(site.app, name="site")
+app.add_typer(coord.app, name="coord")
 app.command("sim")(sim.sim)
 app.command("provision")(provision.provision)
 
