@@ -3,7 +3,8 @@
 The ServerApp opens sealed reports with a :class:`server.driver.Receiver`; in deployment it is
 wrapped in :class:`LedgerReceiver`, which writes each accepted report (run, round, site,
 phase, metrics JSON, time) and each refusal (with its reason) to the ledger. The schema is
-created on first use; ``qanafed coord status`` summarises it.
+created on first use; ``qanafed coord status`` summarises it. The ServerApp's qanafed log
+(rounds, dropped sites, refusals) goes to ``serverapp.log`` beside the ledger.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -166,17 +166,20 @@ class _Receiver(Protocol):
     def open(self, envelope: object, run_id: str, step: int, site: str) -> dict | None: ...
 
 
-def ensure_log_output(level: int = logging.INFO) -> None:
-    """Give the qanafed logger a stderr handler where nobody configured one.
+def ensure_log_output(log_file: str | Path, level: int = logging.INFO) -> None:
+    """Send the qanafed logger to ``log_file`` too (idempotent).
 
-    The ServerApp process flwr starts has none; without it, refusals and dropped sites would
-    not reach the coordinator's log.
+    flwr starts the ServerApp in a process whose output does not reach the SuperLink's log;
+    without this, refusals and dropped sites would be logged nowhere.
     """
     logger = logging.getLogger(LOGGER_NAME)
-    if not any(not isinstance(h, logging.NullHandler) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
+    target = str(Path(log_file).resolve())
+    if any(getattr(h, "baseFilename", None) == target for h in logger.handlers):
+        return
+    handler = logging.FileHandler(target, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > level:
         logger.setLevel(level)
 
 
@@ -199,7 +202,7 @@ class LedgerReceiver:
         self.inner_receiver = inner
         self.ledger = ledger if isinstance(ledger, Ledger) else Ledger(ledger)
         self.phases = {0: "hello", **dict(phases)}
-        ensure_log_output()
+        ensure_log_output(self.ledger.path.with_name("serverapp.log"))
 
     @property
     def inner(self) -> Any:

@@ -150,7 +150,7 @@ def _children(kit: SiteKit, isolation: Isolation, paths: SitePaths) -> list[Chil
 def start_site(
     kit_dir: str | Path,
     foreground: bool = False,
-    isolation: Isolation = "subprocess",
+    isolation: Isolation = "warm",
     policy: RestartPolicy | None = None,
 ) -> dict[str, Any]:
     """Check the kit, data and port, then run the site's SuperNode under a supervisor.
@@ -162,8 +162,8 @@ def start_site(
     foreground : bool (default: False)
         Run the supervisor in this process until SIGTERM (systemd, ``start.sh``); otherwise
         start it detached and return.
-    isolation : str (default: "subprocess")
-        See :data:`ISOLATIONS`.
+    isolation : str (default: "warm")
+        See :data:`ISOLATIONS`; ``warm`` saves the TensorFlow import per message.
     policy : RestartPolicy | None (default: None)
         Restart policy (default :class:`RestartPolicy`).
 

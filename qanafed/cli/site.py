@@ -22,7 +22,7 @@ def start(
         "--foreground", help="Run in this process until stopped (systemd, start.sh).")] = False,
     isolation: Annotated[str, typer.Option(
         "--isolation", help="subprocess: a fresh ClientApp process per message (flwr default); "
-        "warm: one long-lived executor that imported TensorFlow once.")] = "subprocess",
+        "warm: one long-lived executor that imported TensorFlow once (default).")] = "warm",
 ) -> None:
     """Check the kit and data, then start the SuperNode (restarted on crash)."""
     from common.errors import ConfigError
