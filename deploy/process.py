@@ -29,6 +29,8 @@ __all__ = [
     "Child",
     "RestartPolicy",
     "Supervisor",
+    "descendants",
+    "kill_tree",
     "pid_alive",
     "python_argv",
     "port_in_use",
@@ -122,6 +124,41 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def descendants(pid: int) -> list[int]:
+    """Return the pids of every live descendant of ``pid`` (from ``/proc``), children first.
+
+    flwr starts ``flower-superexec`` in a session of its own, so killing a daemon's process
+    group does not reach it or its ServerApp/ClientApp processes; these are found by parentage.
+    """
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text(encoding="utf-8")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], list(parents.get(pid, []))
+    while todo:
+        child = todo.pop(0)
+        out.append(child)
+        todo.extend(parents.get(child, []))
+    return out
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> list[int]:
+    """Send ``sig`` to ``pid``'s descendants (collected first) and to ``pid``; return them all."""
+    pids = [*descendants(pid), pid]
+    for target in pids:
+        try:
+            os.kill(target, sig)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
 def read_pid(pid_file: str | Path) -> int | None:
     """Return the live pid in ``pid_file``, or None (a stale pid file is removed)."""
     path = Path(pid_file)
@@ -209,9 +246,11 @@ class RestartPolicy:
 
     Parameters
     ----------
-    max_restarts : int (default: 5)
+    max_restarts : int (default: 8)
         Restarts allowed within ``window`` seconds; one more and the supervisor gives up.
-    window : float (default: 300.0)
+        Enough to outlast the ~60 s a SuperLink keeps a killed SuperNode's identity
+        "online" (it refuses to re-activate it until then).
+    window : float (default: 600.0)
         Seconds over which restarts are counted.
     backoff : float (default: 1.0)
         Delay before the first restart; doubled after each consecutive one.
@@ -219,8 +258,8 @@ class RestartPolicy:
         Longest delay.
     """
 
-    max_restarts: int = 5
-    window: float = 300.0
+    max_restarts: int = 8
+    window: float = 600.0
     backoff: float = 1.0
     max_backoff: float = 30.0
 
@@ -323,8 +362,10 @@ class Supervisor:
             child.after_start(child)
 
     def _terminate_all(self, timeout: float = 15.0) -> None:
+        strays: list[int] = []
         for child in reversed(self.children):
             if child.alive():
+                strays += descendants(child.proc.pid)
                 child.proc.terminate()
         deadline = time.monotonic() + timeout
         for child in reversed(self.children):
@@ -336,6 +377,12 @@ class Supervisor:
                 log.warning("%s: %s did not stop; killing it", self.name, child.name)
                 child.proc.kill()
                 child.proc.wait()
+        for pid in strays:  # flwr's SuperExec and its app processes live in their own session
+            if pid_alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._stopping = True

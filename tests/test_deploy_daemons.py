@@ -1,0 +1,212 @@
+"""Site/coordinator daemons without a federation: refusals, supervision, the run ledger."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.errors import ConfigError, DataError, SecurityError
+
+
+@pytest.fixture(scope="module")
+def kits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from deploy.provision import provision
+
+    root = tmp_path_factory.mktemp("deploy")
+    for site in ("a", "b"):
+        (root / "data" / site).mkdir(parents=True)
+    project = root / "project.yaml"
+    project.write_text(
+        "name: unit\ncoordinator:\n  address: 127.0.0.1\n  port: 18990\n"
+        "  bind-host: 127.0.0.1\nsites:\n"
+        f"  - name: a\n    data: {root / 'data' / 'a'}\n    device: cpu\n    runtime-port: 18991\n"
+        f"  - name: b\n    data: {root / 'data' / 'b'}\n    device: cpu\n    runtime-port: 18992\n"
+    )
+    provision(project, root / "kits")
+    return root / "kits"
+
+
+def _copy_kit(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _listen(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen()
+    return sock
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def test_site_runtime_port_in_use_is_refused_naming_port_and_file(kits: Path) -> None:
+    from deploy.site import start_site
+
+    with _listen(18991):
+        with pytest.raises(ConfigError) as err:
+            start_site(kits / "sites" / "a")
+    assert "port 18991" in err.value.problem and "site.yaml" in err.value.problem
+
+
+def test_coordinator_port_in_use_is_refused(kits: Path) -> None:
+    from deploy.coord import start_coordinator
+
+    with _listen(18990):
+        with pytest.raises(ConfigError) as err:
+            start_coordinator(kits / "coordinator")
+    assert "port 18990" in err.value.problem and "coordinator.yaml" in err.value.problem
+
+
+def test_missing_data_path_is_refused(kits: Path, tmp_path: Path) -> None:
+    from deploy.site import start_site
+
+    kit = _copy_kit(kits / "sites" / "a", tmp_path / "a")
+    cfg = yaml.safe_load((kit / "site.yaml").read_text())
+    cfg["data"] = str(tmp_path / "nowhere")
+    (kit / "site.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(DataError) as err:
+        start_site(kit)
+    assert "nowhere" in err.value.problem and "site.yaml" in err.value.fix
+
+
+def test_loose_key_and_unknown_field_and_missing_file_are_refused(
+    kits: Path, tmp_path: Path
+) -> None:
+    from deploy.site import start_site
+
+    loose = _copy_kit(kits / "sites" / "a", tmp_path / "loose")
+    os.chmod(loose / "supernode.key", 0o644)
+    with pytest.raises(SecurityError) as err:
+        start_site(loose)
+    assert "chmod 600" in err.value.fix
+
+    unknown = _copy_kit(kits / "sites" / "a", tmp_path / "unknown")
+    with open(unknown / "site.yaml", "a") as fh:
+        fh.write("colour: blue\n")
+    with pytest.raises(ConfigError) as err:
+        start_site(unknown)
+    assert "colour" in err.value.problem
+
+    missing = _copy_kit(kits / "sites" / "a", tmp_path / "missing")
+    (missing / "ca.crt").unlink()
+    with pytest.raises(ConfigError) as err:
+        start_site(missing)
+    assert "ca.crt" in err.value.problem
+
+
+def test_cli_refuses_with_exit_code_2_and_a_fix(kits: Path) -> None:
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-m", "qanafed", "site", "start", "--kit",
+                          str(kits / "sites" / "a"), "--isolation", "threads"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "threads" in res.stderr and "fix:" in res.stderr
+
+
+def test_supernode_command_uses_tls_auth_node_config_and_runtime_port(kits: Path) -> None:
+    from deploy.kit import validate_site_kit
+    from deploy.site import supernode_argv
+
+    kit = validate_site_kit(kits / "sites" / "b")
+    argv = supernode_argv(kit, "subprocess")
+    assert argv[argv.index("--root-certificates") + 1] == str(kit.ca_cert)
+    assert argv[argv.index("--auth-supernode-private-key") + 1] == str(kit.private_key)
+    assert argv[argv.index("--port") + 1] == "18992"
+    assert 'site-id="b"' in argv[argv.index("--node-config") + 1]
+    assert "--insecure" not in argv
+
+
+def test_status_of_a_stopped_site(kits: Path) -> None:
+    from deploy.site import site_status
+
+    info = site_status(kits / "sites" / "a")
+    assert info["running"] is False and info["site"] == "a" and info["data-exists"]
+
+
+# ------------------------------------------------------------------------------ supervision
+
+
+def test_supervisor_restarts_with_backoff_then_gives_up(tmp_path: Path) -> None:
+    from deploy.process import Child, RestartPolicy, Supervisor
+
+    crash = Child("crash", [sys.executable, "-c", "raise SystemExit(3)"])
+    sup = Supervisor("t", [crash], tmp_path, "t",
+                     RestartPolicy(max_restarts=3, window=60, backoff=0.1, max_backoff=0.4))
+    start = time.monotonic()
+    code = sup.run(poll=0.05)
+    assert code == 1
+    assert len(crash.restarts) == 3
+    assert time.monotonic() - start >= 0.1 + 0.2 + 0.4  # backoff doubled, capped
+    assert not (tmp_path / "t.pid").exists()
+
+
+def test_background_daemon_stops_by_pid_with_its_children(tmp_path: Path) -> None:
+    from deploy.process import pid_alive, read_pid, read_state, spawn_background, stop_pid
+
+    script = tmp_path / "daemon.py"
+    script.write_text(
+        "import sys\nfrom pathlib import Path\nfrom deploy.process import Child, Supervisor\n"
+        "Supervisor('d', [Child('sleeper', [sys.executable, '-c', 'import time; "
+        "time.sleep(60)'])], Path(sys.argv[1]), 'd').run(poll=0.1)\n"
+    )
+    pid_file = tmp_path / "d.pid"
+    pid = spawn_background([sys.executable, str(script), str(tmp_path)], tmp_path / "d.log",
+                           pid_file)
+    try:
+        assert read_pid(pid_file) == pid
+        for _ in range(50):
+            child = (read_state(tmp_path / "d.state.json").get("children") or {}).get("sleeper")
+            if child and child["pid"]:
+                break
+            time.sleep(0.1)
+        assert stop_pid(pid_file, timeout=10) == pid
+        assert not pid_alive(pid) and not pid_alive(child["pid"])
+        assert read_pid(pid_file) is None
+    finally:
+        if pid_alive(pid):
+            os.killpg(pid, 9)
+
+
+# ------------------------------------------------------------------------------ run ledger
+
+
+def test_ledger_records_opened_reports_and_refuses_tampered_and_replayed(
+    kits: Path, tmp_path: Path
+) -> None:
+    from common.metrics_crypto import encrypt_report, load_metrics_private_key
+    from deploy.ledger import Ledger, LedgerReceiver
+    from server.driver import Receiver
+
+    private = load_metrics_private_key(kits / "coordinator" / "metrics.key")
+    receiver = LedgerReceiver(Receiver(private), tmp_path / "ledger.sqlite", {1: "warmup"})
+    good = encrypt_report({"test.accuracy": 0.5}, private.public_key(), run_id="r1", round=1,
+                          site_id="a")
+    tampered = bytearray(good)
+    tampered[-5] ^= 0xFF
+
+    opened = receiver.open(good, "r1", 1, "a")
+    replayed = receiver.open(good, "r1", 1, "a")
+    forged = receiver.open(bytes(tampered), "r1", 1, "b")
+
+    assert opened == {"test.accuracy": 0.5}
+    assert replayed is None and forged is None
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    reports = ledger.reports("r1")
+    assert [(r["round"], r["site"], r["phase"], r["metrics"]) for r in reports] == [
+        (1, "a", "warmup", {"test.accuracy": 0.5})]
+    assert [(r["site"]) for r in ledger.refusals("r1")] == ["a", "b"]
+    summary = ledger.summary()
+    assert summary[0]["refusals"] == 2 and summary[0]["last-round"] == 1
+    assert "refused" in (tmp_path / "serverapp.log").read_text()
