@@ -1,0 +1,205 @@
+"""End-to-end on 127.0.0.1: provisioned kits, a TLS + authenticated SuperLink, 2 sites, faults.
+
+One test, because every step needs the processes of the previous one: an unregistered
+(revoked) site is refused; site b's SuperNode is killed mid-round (the round finishes with
+the quorum, the supervisor restarts b with the same key and b rejoins); the coordinator is
+killed mid-run and restarted (the run resumes from its last complete round); the ledger holds
+every decrypted report. Every process is started here and killed by its process-group id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SCENARIO = """\
+name: e2e
+data: "synthetic:n=120,size=48,sites=2,seed=0"
+partition: {scheme: natural, sites: 2, seed: 0}
+model: {variant: qana-akd1000, size: 48, width: 0.25, depth: 1}
+rounds: {warmup: 2, qat: 1}
+local-epochs: 1
+batch-size: 32
+lr: 0.01
+calibration-samples: 16
+quorum: {min-sites: 2, min-replies: 1}
+timeouts: {connect: 120, round: 90}
+edge: {shots: 1, neurons-per-class: 1}
+seed: 0
+"""
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _project(path: Path, data: Path, ports: list[int], sites: list[str]) -> Path:
+    lines = ["name: e2e", "coordinator:", "  address: 127.0.0.1", f"  port: {ports[0]}",
+             "  bind-host: 127.0.0.1", "sites:"]
+    for i, site in enumerate(sites):
+        lines += [f"  - name: {site}", f"    data: {data / site / 'dermamnist.npz'}",
+                  "    device: cpu", f"    runtime-port: {ports[1 + i]}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _write_data(root: Path) -> None:
+    """Two sites of synthetic lesions as MedMNIST-style npz files; c gets a copy of b's."""
+    from common.loaders import load_synthetic
+
+    ds = load_synthetic("synthetic:n=120,size=48,sites=2,seed=0")
+    order = np.random.default_rng(0).permutation(len(ds.labels))
+    halves = {"a": order[: len(order) // 2], "b": order[len(order) // 2:]}
+    halves["c"] = halves["b"]
+    for site, idx in halves.items():
+        (root / site).mkdir(parents=True)
+        np.savez(root / site / "dermamnist.npz", train_images=ds.images[idx],
+                 train_labels=ds.labels[idx])
+
+
+def _qanafed(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qanafed", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _pid(pid_file: Path) -> int:
+    return int(pid_file.read_text().strip())
+
+
+def _wait(what: str, check, timeout: float, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def _events(progress: Path) -> list[dict]:
+    if not progress.exists():
+        return []
+    return [json.loads(line) for line in progress.read_text().splitlines() if line.strip()]
+
+
+def _has_event(progress: Path, **match) -> bool:
+    return any(all(ev.get(k) == v for k, v in match.items()) for ev in _events(progress))
+
+
+def test_deployment_on_loopback(tmp_path: Path) -> None:
+    from deploy.coord import coord_paths, launch_run, wait_run
+    from deploy.ledger import Ledger
+    from deploy.process import kill_tree
+    from deploy.provision import provision
+    from deploy.site import site_paths
+
+    # Prepare: data, kits for a, b, c, then c removed (its key revoked, never registered)
+    _write_data(tmp_path / "data")
+    ports = _free_ports(4)
+    kits = tmp_path / "kits"
+    provision(_project(tmp_path / "p3.yaml", tmp_path / "data", ports, ["a", "b", "c"]), kits)
+    provision(_project(tmp_path / "p2.yaml", tmp_path / "data", ports, ["a", "b"]), kits)
+    coord, site = kits / "coordinator", {s: kits / "sites" / s for s in "abc"}
+    scenario = tmp_path / "e2e.yaml"
+    scenario.write_text(SCENARIO)
+    cpaths = coord_paths(coord)
+    groups: list[int] = []  # process-group ids of every daemon started here
+    timings: dict[str, float] = {}
+    try:
+        # Execute 1: coordinator (TLS, auth, state DB, keys registered), sites a and b
+        t0 = time.monotonic()
+        res = _qanafed("coord", "start", "--kit", str(coord))
+        assert res.returncode == 0, res.stderr
+        groups.append(_pid(cpaths.pid_file))
+        timings["coordinator start + 2 registrations (s)"] = time.monotonic() - t0
+        for s in "ab":
+            res = _qanafed("site", "start", "--kit", str(site[s]))
+            assert res.returncode == 0, res.stderr
+            groups.append(_pid(site_paths(site[s]).pid_file))
+
+        # Execute 2: the revoked, unregistered site c is refused by the SuperLink
+        res = _qanafed("site", "start", "--kit", str(site["c"]))
+        assert res.returncode == 0, res.stderr
+        groups.append(_pid(site_paths(site["c"]).pid_file))
+        _wait("site c refused", lambda: "Failed to activate SuperNode"
+              in site_paths(site["c"]).log_file.read_text(errors="replace"), 90)
+        assert "No SuperNode found with the given public key" in cpaths.log_file.read_text(
+            errors="replace")
+        assert _qanafed("site", "stop", "--kit", str(site["c"])).returncode == 0
+
+        # Execute 3: the run; kill b's SuperNode mid-round 1
+        run = launch_run(coord, scenario, stop_after=2)
+        out = Path(run["out-dir"])
+        progress = out / "progress.jsonl"
+        _wait("round 1 start", lambda: _has_event(progress, event="round-start", step=1), 240)
+        time.sleep(3)
+        b_state = json.loads(site_paths(site["b"]).state_file.read_text())
+        b_node = b_state["children"]["supernode"]["pid"]
+        os.kill(b_node, signal.SIGKILL)
+        t_kill = time.monotonic()
+        _wait("round 1 end", lambda: _has_event(progress, event="round-end", step=1), 200)
+        _wait("b back online", lambda: site_paths(site["b"]).log_file.read_text(
+            errors="replace").count("SuperNode ID:") >= 2, 150)
+        timings["site kill → re-activated at the SuperLink (s)"] = time.monotonic() - t_kill
+
+        # Execute 4: kill the whole coordinator mid-round 2, restart it, resume the run
+        _wait("round 2 start", lambda: _has_event(progress, event="round-start", step=2), 120)
+        kill_tree(groups[0])  # the whole coordinator machine "crashes"
+        t_kill = time.monotonic()
+        _wait("coordinator gone", lambda: not cpaths.pid_file.exists()
+              or not Path(f"/proc/{groups[0]}").exists(), 20)
+        res = _qanafed("coord", "start", "--kit", str(coord))
+        assert res.returncode == 0, res.stderr
+        groups.append(_pid(cpaths.pid_file))
+        resumed = launch_run(coord, scenario, resume=True, stop_after=2)
+        status = wait_run(coord, resumed["run-id"], timeout=400)
+        timings["coordinator kill → resumed run done (s)"] = time.monotonic() - t_kill
+        status_json = json.loads(_qanafed("coord", "status", "--kit", str(coord),
+                                          "--json").stdout)
+    finally:
+        for pgid in groups:
+            kill_tree(pgid)
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    # Assert: site b was restarted by its supervisor, with the same key
+    assert json.loads(site_paths(site["b"]).state_file.read_text())["children"]["supernode"][
+        "restarts"] >= 1
+    # the resumed run finished; it continued the same federated run after round 1
+    assert status == "finished:completed"
+    starts = [ev for ev in _events(progress) if ev["event"] == "start"]
+    assert [ev["done"] for ev in starts] == [0, 1]
+    assert starts[0]["run_id"] == starts[1]["run_id"]
+    # the ledger: both sites said hello; round 1 finished without b; b rejoined in round 2
+    ledger = Ledger(cpaths.ledger)
+    rounds: dict[int, set[str]] = {}
+    for rep in ledger.reports(starts[0]["run_id"]):
+        rounds.setdefault(rep["round"], set()).add(rep["site"])
+        assert rep["phase"] in ("hello", "warmup") and isinstance(rep["metrics"], dict)
+    assert rounds[0] == {"a", "b"}
+    assert rounds[1] == {"a"}
+    assert rounds[2] == {"a", "b"}
+    assert status_json["runs"][-1]["last-round"] == 2
+    assert status_json["revoked"] == ["c"]
+    print("deployment e2e timings:", {k: round(v, 1) for k, v in timings.items()})
