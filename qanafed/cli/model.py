@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import typer
 
-from qanafed.cli import model_edge, model_train
+from qanafed.cli import model_edge, model_explain, model_train
 
 app = typer.Typer(help="List, train, evaluate, map and teach QANA models.", no_args_is_help=True)
 model_train.register(app)
 model_edge.register(app)
+model_explain.register(app)
 
 
 @app.command("list")
