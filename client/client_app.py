@@ -26,7 +26,6 @@ from server import protocol as P  # noqa: E402
 log = get_logger("client")
 
 
-
 @lru_cache(maxsize=4)
 def _scenario(text: str) -> FedConfig:
     return parse_config(json.loads(text), source="scenario from the server")
@@ -82,7 +81,7 @@ def _handle(
 
 
 def _hello(cfg: FedConfig, data: site.SiteData, arrays: Any, config: Any) -> tuple:
-    n, metrics = site.hello(data)
+    n, metrics = site.hello(data, cfg)
     return None, n, metrics
 
 

@@ -151,10 +151,16 @@ class EdgeConfig(_Section):
         Local training images per class used for on-chip learning.
     neurons-per-class : int (default: 4)
         Akida neurons per class in the learnable layer.
+    new-class : str | None (default: None)
+        A class held out of federated training: its images are left out of every site's
+        training, calibration and round evaluation, and each site that has some learns it
+        on-chip from ``shots`` images at the end (few-shot new class), reporting old- and
+        new-class scores before and after.
     """
 
     shots: int = Field(5, ge=1)
     neurons_per_class: int = Field(4, ge=1)
+    new_class: str | None = Field(None, min_length=1)
 
 
 class FedConfig(_Section):
@@ -169,7 +175,9 @@ class FedConfig(_Section):
     partition, model, rounds, strategy, quorum, timeouts, edge
         Sections, see their classes.
     local-epochs : int (default: 1)
-        Local epochs per round.
+        Local epochs per warm-up round (cheap float epochs).
+    qat-local-epochs : int (default: 1)
+        Local epochs per QAT round (a QAT epoch costs several float epochs).
     batch-size : int (default: 32)
         Local batch size.
     lr : float (default: 1e-3)
@@ -196,6 +204,7 @@ class FedConfig(_Section):
     model: ModelConfig = ModelConfig()
     rounds: RoundsConfig = RoundsConfig()
     local_epochs: int = Field(1, ge=1)
+    qat_local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     qat_lr: float = Field(1e-4, gt=0)

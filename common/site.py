@@ -16,15 +16,13 @@ from typing import Any
 import numpy as np
 
 from .aggregate import EXCHANGED
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .fedconfig import FedConfig
+from .local_training import CACHE, FLOAT, QUANTIZED, LocalModel, from_logits, predict_logits, train
 from .log import get_logger
 from .weights import get_arrays, set_arrays
 
 log = get_logger("site")
-
-#: Local training runs eagerly up to this many batches (graph tracing is slower for fewer).
-EAGER_MAX_BATCHES = 40
 
 
 @dataclass(frozen=True)
@@ -65,6 +63,14 @@ def _lesion_split(ds, test_fraction: float, seed: int) -> tuple[np.ndarray, np.n
     return np.sort(np.concatenate([split.train, split.val])), np.asarray(split.test)
 
 
+@lru_cache(maxsize=1)
+def _dataset(data: str):
+    """Load (or generate) a data set once per process: simulated sites share one."""
+    from .loaders import load_dataset
+
+    return load_dataset(data)
+
+
 @lru_cache(maxsize=4)
 def load_site_data(
     data: str,
@@ -100,10 +106,9 @@ def load_site_data(
     DataError
         If the partition is empty or too small to split.
     """
-    from .loaders import load_dataset
     from .preprocess import load_arrays
 
-    ds = load_dataset(data)
+    ds = _dataset(data)
     name = site_id
     if partition_id is not None:
         from .partition import partition
@@ -138,6 +143,37 @@ def data_of(cfg: FedConfig, partition_id: int | None, site_id: str | None) -> Si
                           p.seed, cfg.test_fraction, site_id)
 
 
+def new_class_index(cfg: FedConfig, class_names: tuple[str, ...]) -> int | None:
+    """Index of the class held out of federated training (``edge.new-class``), or None.
+
+    Raises
+    ------
+    ConfigError
+        If the scenario names a class the data does not have.
+    """
+    name = cfg.edge.new_class
+    if name is None:
+        return None
+    if name not in class_names:
+        raise ConfigError(
+            f"edge.new-class {name!r} is not a class of the data ({', '.join(class_names)})",
+            "name one of the data's classes, or remove edge.new-class",
+        )
+    return class_names.index(name)
+
+
+def federated_part(
+    cfg: FedConfig, data: SiteData, part: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return the site's ``train`` or ``test`` images of the federated classes (new class out)."""
+    x, y = (data.x_train, data.y_train) if part == "train" else (data.x_test, data.y_test)
+    held_out = new_class_index(cfg, data.class_names)
+    if held_out is None:
+        return x, y
+    keep = y != held_out
+    return x[keep], y[keep]
+
+
 # -- models ---------------------------------------------------------------------------------------
 def build_float_model(cfg: FedConfig, num_classes: int):
     """Build the scenario's float model (fresh weights)."""
@@ -159,6 +195,11 @@ def _structure_samples(cfg: FedConfig) -> np.ndarray:
     return rng.uniform(0, 255, (4, cfg.model.size, cfg.model.size, 3)).astype(np.float32)
 
 
+def build_quantized_model(cfg: FedConfig, num_classes: int):
+    """Build the scenario's quantized model structure (every variable is set from arrays later)."""
+    return _quantize(cfg, build_float_model(cfg, num_classes), _structure_samples(cfg))
+
+
 def float_model_from(cfg: FedConfig, num_classes: int, arrays: dict[str, np.ndarray]):
     """Build the float model with the given (global) arrays."""
     model = build_float_model(cfg, num_classes)
@@ -168,7 +209,7 @@ def float_model_from(cfg: FedConfig, num_classes: int, arrays: dict[str, np.ndar
 
 def quantized_model_from(cfg: FedConfig, num_classes: int, arrays: dict[str, np.ndarray]):
     """Rebuild the global quantized model exactly from its arrays (weights and quantizer state)."""
-    qmodel = _quantize(cfg, build_float_model(cfg, num_classes), _structure_samples(cfg))
+    qmodel = build_quantized_model(cfg, num_classes)
     set_arrays(qmodel, arrays)
     return qmodel
 
@@ -185,6 +226,24 @@ def quantized_from_ranges(
     return qmodel
 
 
+def convert(cfg: FedConfig, qmodel):
+    """Convert a quantized model to Akida; return ``(akida_model, hash)``.
+
+    quantizeml names its input layer ``input_quantizer_<n>`` after the number of models built
+    in the process, and the name is part of the Akida model's bytes: it is renamed to the
+    canonical ``input_quantizer`` first, so the hash depends on the weights only, whichever
+    process (server, site, cached or fresh model) converts.
+    """
+    from .convert import convert_model, model_hash
+    from .weights import canonical_layers
+
+    for name, layer in canonical_layers(qmodel).items():
+        if layer.name != name:
+            layer._name = name  # Keras has no public rename
+    akida_model = convert_model(qmodel, cfg.model.variant)
+    return akida_model, model_hash(akida_model)
+
+
 def akida_from_arrays(cfg: FedConfig, num_classes: int, arrays: dict[str, np.ndarray]):
     """Convert the global quantized model to Akida; return ``(akida_model, hash)``.
 
@@ -192,38 +251,39 @@ def akida_from_arrays(cfg: FedConfig, num_classes: int, arrays: dict[str, np.nda
     """
     if cfg.model.variant == "qana-float":
         return None, None
-    from .convert import convert_model, model_hash
+    return convert(cfg, quantized_model_from(cfg, num_classes, arrays))
 
-    akida_model = convert_model(quantized_model_from(cfg, num_classes, arrays), cfg.model.variant)
-    return akida_model, model_hash(akida_model)
+
+def _model_key(cfg: FedConfig, num_classes: int) -> tuple:
+    m = cfg.model
+    return (m.variant, m.size, m.width, m.depth, cfg.seed, num_classes)
+
+
+def local_model(cfg: FedConfig, num_classes: int, kind: str) -> LocalModel:
+    """Return this process's cached float or quantized model (built, traced once per scenario)."""
+    build = build_float_model if kind == FLOAT else build_quantized_model
+    return CACHE.get(_model_key(cfg, num_classes), kind, lambda: build(cfg, num_classes))
 
 
 # -- training and evaluation ----------------------------------------------------------------------
-def _prepare(seed: int) -> None:
+def _seed_everything(seed: int) -> None:
     import tf_keras as keras
 
-    keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
 
 
 def _train_arrays(data: SiteData, cfg: FedConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    if cfg.balance == "none":
-        return data.x_train, data.y_train
+    """Federated training images (new class left out), balanced as the scenario says."""
+    x, y = federated_part(cfg, data, "train")
+    if cfg.balance == "none" or len(y) == 0:
+        return x, y
     from .balance import balance_train
 
-    return balance_train(data.x_train, data.y_train, cfg.balance, seed=seed)
-
-
-def _loss_fn(model):
-    import tf_keras as keras
-
-    last = model.layers[-1]
-    from_logits = getattr(last, "activation", None) is not keras.activations.softmax
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+    return balance_train(x, y, cfg.balance, seed=seed)
 
 
 def train_local(
-    model,
+    local: LocalModel,
     data: SiteData,
     cfg: FedConfig,
     lr: float,
@@ -231,7 +291,7 @@ def train_local(
     seed: int,
     proximal_mu: float = 0.0,
 ) -> dict[str, float]:
-    """Train ``model`` in place on the site's training split, deterministically.
+    """Train the already-loaded ``local`` model on the site's training split, deterministically.
 
     Loss: cross-entropy, plus ``proximal_mu / 2 * ||w - w_global||²`` over the trainable
     weights when ``proximal_mu > 0`` (FedProx; ``w_global`` = the weights at entry).
@@ -239,72 +299,79 @@ def train_local(
     Returns
     -------
     dict[str, float]
-        ``train_loss`` (mean over the last epoch) and ``train_examples``.
+        ``train_loss`` (cross-entropy, mean over the last epoch) and ``train_examples``
+        (after balancing).
+
+    Raises
+    ------
+    DataError
+        If the site has no training image of the federated classes.
     """
-    import tensorflow as tf
-    import tf_keras as keras
-
-    from .augment import make_dataset
-
     x, y = _train_arrays(data, cfg, seed)
-    loss_fn = _loss_fn(model)
-    optimizer = keras.optimizers.Adam(learning_rate=lr)
-    anchors = [tf.constant(w.numpy()) for w in model.trainable_weights]
+    if len(y) == 0:
+        raise DataError(f"site {data.site_id!r} has no training images of the federated classes",
+                        "give the site data, or leave it out of the federation")
+    local.mu.assign(float(proximal_mu))
+    local.optimizer.learning_rate = float(lr)
+    loss = train(local, x, y, epochs=epochs, batch_size=cfg.batch_size, augment=cfg.augment,
+                 seed=seed)
+    return {"train_loss": loss, "train_examples": int(len(y))}
 
-    def step(xb, yb):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(yb, model(xb, training=True))
-            if proximal_mu > 0:
-                prox = tf.add_n([tf.reduce_sum(tf.square(w - a))
-                                 for w, a in zip(model.trainable_weights, anchors, strict=True)])
-                loss = loss + (proximal_mu / 2.0) * prox
-        grads = tape.gradient(loss, model.trainable_weights)
-        optimizer.apply_gradients(zip(grads, model.trainable_weights, strict=True))
-        return loss
 
-    # Tracing a quantized model's training graph costs more than a few eager batches.
-    batches = epochs * -(-len(x) // cfg.batch_size)
-    if batches > EAGER_MAX_BATCHES:
-        step = tf.function(step)
-    losses: list[float] = []
-    for epoch in range(epochs):
-        ds = make_dataset(x, y, batch_size=cfg.batch_size, augment=cfg.augment, shuffle=True,
-                          seed=seed + epoch)
-        losses = [float(step(xb, yb)) for xb, yb in ds]
-    return {"train_loss": float(np.mean(losses)) if losses else 0.0,
-            "train_examples": int(len(x))}
+def _scores(
+    logits: np.ndarray, y: np.ndarray, class_names: tuple[str, ...], from_logits_: bool
+) -> dict[str, Any]:
+    import tensorflow as tf
+
+    from .metrics import classification_metrics
+
+    metrics = classification_metrics(y, np.argmax(logits, axis=-1), class_names)
+    loss = tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=from_logits_)
+    metrics["loss"] = float(np.mean(loss))
+    return metrics
 
 
 def evaluate(model, x: np.ndarray, y: np.ndarray, class_names: tuple[str, ...]) -> dict[str, Any]:
     """Loss and classification metrics of a Keras model on local images (aggregates only)."""
-    from .metrics import classification_metrics
-
-    logits = model.predict(x.astype(np.float32), batch_size=64, verbose=0)
-    loss = float(_loss_fn(model)(y, logits).numpy())
-    metrics = classification_metrics(y, np.argmax(logits, axis=-1), class_names)
-    metrics["loss"] = loss
-    return metrics
+    return _scores(predict_logits(model, x), y, class_names, from_logits(model))
 
 
 # -- phases ---------------------------------------------------------------------------------------
-def hello(data: SiteData) -> tuple[int, dict[str, Any]]:
-    """Introduce the site: example weight and (sealed) data summary."""
+def hello(data: SiteData, cfg: FedConfig | None = None) -> tuple[int, dict[str, Any]]:
+    """Introduce the site: example weight and (sealed) data summary.
+
+    Raises
+    ------
+    ConfigError
+        If ``cfg`` names an ``edge.new-class`` the data does not have.
+    """
+    if cfg is not None:
+        new_class_index(cfg, data.class_names)
     counts = np.bincount(data.y_train, minlength=len(data.class_names)).tolist()
     return len(data.y_train), {
         "class_names": list(data.class_names),
         "train_examples": int(len(data.y_train)),
         "test_examples": int(len(data.y_test)),
         "train_class_counts": counts,
+        "test_class_counts": np.bincount(data.y_test, minlength=len(data.class_names)).tolist(),
     }
 
 
 def _round(
-    cfg: FedConfig, data: SiteData, model, step: int, lr: float, epochs: int, mu: float
+    cfg: FedConfig, data: SiteData, kind: str, arrays: dict[str, np.ndarray], step: int,
+    lr: float, epochs: int, mu: float,
 ) -> tuple[dict[str, np.ndarray], int, dict[str, Any]]:
     seed = site_seed(cfg.seed, step, data.site_id)
-    train = train_local(model, data, cfg, lr=lr, epochs=epochs, seed=seed, proximal_mu=mu)
-    metrics = {**train, "test": evaluate(model, data.x_test, data.y_test, data.class_names)}
-    return get_arrays(model, EXCHANGED["warmup"]), train["train_examples"], metrics
+    _seed_everything(seed)
+    local = local_model(cfg, len(data.class_names), kind)
+    local.start_round(arrays, lr, mu)
+    train = train_local(local, data, cfg, lr=lr, epochs=epochs, seed=seed, proximal_mu=mu)
+    x_test, y_test = federated_part(cfg, data, "test")
+    metrics: dict[str, Any] = {**train}
+    if len(y_test):
+        metrics["test"] = evaluate(local.model, x_test, y_test, data.class_names)
+    groups = EXCHANGED["qat" if kind == QUANTIZED else "warmup"]
+    return get_arrays(local.model, groups), train["train_examples"], metrics
 
 
 def warmup(
@@ -312,23 +379,29 @@ def warmup(
     lr: float, epochs: int, proximal_mu: float = 0.0,
 ) -> tuple[dict[str, np.ndarray], int, dict[str, Any]]:
     """One float warm-up round: start from the global float arrays, train locally, evaluate."""
-    _prepare(site_seed(cfg.seed, step, data.site_id))
-    model = float_model_from(cfg, len(data.class_names), arrays)
-    return _round(cfg, data, model, step, lr, epochs, proximal_mu)
+    return _round(cfg, data, FLOAT, arrays, step, lr, epochs, proximal_mu)
 
 
 def calibrate(
     cfg: FedConfig, data: SiteData, arrays: dict[str, np.ndarray], step: int
 ) -> tuple[dict[str, np.ndarray], int, dict[str, Any]]:
-    """Calibrate the global float model's quantizers on local training images."""
+    """Calibrate the global float model's quantizers on local (federated-class) training images."""
     seed = site_seed(cfg.seed, step, data.site_id)
-    _prepare(seed)
+    _seed_everything(seed)
+    x, _ = federated_part(cfg, data, "train")
     rng = np.random.default_rng(seed)
-    n = min(cfg.calibration_samples, len(data.x_train))
-    idx = np.sort(rng.choice(len(data.x_train), size=n, replace=False))
-    qmodel = _quantize(cfg, float_model_from(cfg, len(data.class_names), arrays),
-                       data.x_train[idx])
+    n = min(cfg.calibration_samples, len(x))
+    if n == 0:
+        raise DataError(f"site {data.site_id!r} has no training images to calibrate on",
+                        "give the site data, or leave it out of the federation")
+    idx = np.sort(rng.choice(len(x), size=n, replace=False))
+    num_classes = len(data.class_names)
+    local = local_model(cfg, num_classes, FLOAT)
+    set_arrays(local.model, arrays)
+    qmodel = _quantize(cfg, local.model, x[idx])
     state = get_arrays(qmodel, EXCHANGED["calibrate"])
+    # Keep it as this process's quantized model: QAT rounds overwrite all its variables.
+    CACHE.get(_model_key(cfg, num_classes), QUANTIZED, lambda: qmodel)
     return state, n, {"calibration_examples": int(n), "quantizers": len(state)}
 
 
@@ -336,69 +409,124 @@ def qat(
     cfg: FedConfig, data: SiteData, arrays: dict[str, np.ndarray], step: int,
     lr: float, epochs: int, proximal_mu: float = 0.0,
 ) -> tuple[dict[str, np.ndarray], int, dict[str, Any]]:
-    """One QAT round on the global quantized model; quantizer state is sent but never returned."""
-    _prepare(site_seed(cfg.seed, step, data.site_id))
-    qmodel = quantized_model_from(cfg, len(data.class_names), arrays)
-    out, n, metrics = _round(cfg, data, qmodel, step, lr, epochs, proximal_mu)
-    return {k: v for k, v in out.items() if k in set(get_arrays(qmodel, EXCHANGED["qat"]))}, n, \
-        metrics
+    """One QAT round on the global quantized model; quantizer state is received, never sent."""
+    return _round(cfg, data, QUANTIZED, arrays, step, lr, epochs, proximal_mu)
 
 
 def finalize(
     cfg: FedConfig, data: SiteData, arrays: dict[str, np.ndarray], step: int, server_hash: str
 ) -> tuple[int, dict[str, Any]]:
-    """Convert the global model to Akida, evaluate, learn on-chip, evaluate again."""
+    """Convert the global model to Akida, check it, evaluate, learn on-chip, evaluate again.
+
+    Every score here is on all the site's test images (the rounds score the federated
+    classes only); with ``edge.new-class`` a ``new_class`` block splits them into old and
+    new classes, before and after on-chip learning.
+    """
     from .metrics import classification_metrics
 
     seed = site_seed(cfg.seed, step, data.site_id)
-    _prepare(seed)
-    num_classes = len(data.class_names)
+    _seed_everything(seed)
+    names = data.class_names
     if cfg.model.variant == "qana-float":
-        model = float_model_from(cfg, num_classes, arrays)
-        return len(data.y_train), {"test": evaluate(model, data.x_test, data.y_test,
-                                                    data.class_names)}
-    qmodel = quantized_model_from(cfg, num_classes, arrays)
-    keras_q = evaluate(qmodel, data.x_test, data.y_test, data.class_names)
-    akida_model, digest = akida_from_arrays(cfg, num_classes, arrays)
+        local = local_model(cfg, len(names), FLOAT)
+        set_arrays(local.model, arrays)
+        return len(data.y_train), {"test": evaluate(local.model, data.x_test, data.y_test,
+                                                    names)}
+    local = local_model(cfg, len(names), QUANTIZED)
+    set_arrays(local.model, arrays)
+    logits = predict_logits(local.model, data.x_test)
+    akida_model, digest = convert(cfg, local.model)
     from .train import predict_akida
 
     pred = predict_akida(akida_model, data.x_test.astype(np.uint8))
     report: dict[str, Any] = {
         "akida_hash": digest,
         "hash_matches_server": digest == server_hash,
-        "keras_quantized": keras_q,
-        "akida": classification_metrics(data.y_test, pred, data.class_names),
+        "keras_quantized": _scores(logits, data.y_test, names, from_logits(local.model)),
+        "akida": classification_metrics(data.y_test, pred, names),
+        "akida_agreement": float(np.mean(pred == logits.argmax(axis=-1))),
         "akida_after_edge": None,
     }
     if cfg.model.variant == "qana-akd1000":
-        from .errors import QanafedError
-
-        try:
-            report["akida_after_edge"] = _edge_learning(cfg, data, akida_model, seed)
-        except QanafedError as err:  # e.g. an undertrained backbone emits no spikes
-            log.warning("site %s: on-chip learning skipped: %s", data.site_id, err.problem)
-            report["akida_after_edge"] = {"error": err.problem}
+        report.update(_edge_report(cfg, data, akida_model, pred, seed))
     return len(data.y_train), report
 
 
-def _edge_learning(cfg: FedConfig, data: SiteData, akida_model, seed: int) -> dict[str, Any]:
-    """Learn on-chip from ``edge.shots`` local training images per class; score on local test."""
+def _edge_report(
+    cfg: FedConfig, data: SiteData, akida_model, pred_before: np.ndarray, seed: int
+) -> dict[str, Any]:
+    """On-chip learning and its scores, or the reason it was skipped."""
+    from .edge import edge_learning_eval
+    from .errors import QanafedError
+
+    try:
+        after, pred, new_info = _edge_learning(cfg, data, akida_model, seed)
+    except QanafedError as err:  # e.g. an undertrained backbone emits no spikes
+        log.warning("site %s: on-chip learning skipped: %s", data.site_id, err.problem)
+        return {"akida_after_edge": {"error": err.problem}}
+    out: dict[str, Any] = {"akida_after_edge": after}
+    if new_info is not None:
+        held_out = new_class_index(cfg, data.class_names)
+        split = edge_learning_eval(data.y_test, pred, data.class_names, [held_out], pred_before)
+        out["new_class"] = {**new_info,
+                            "before": {k: split["before"][k] for k in ("old", "new")},
+                            "after": {k: split["after"][k] for k in ("old", "new")}}
+    return out
+
+
+def _pick_shots(y: np.ndarray, classes: list[int], shots: int, rng) -> np.ndarray:
+    picks: list[int] = []
+    for c in classes:
+        idx = np.flatnonzero(y == c)
+        if len(idx):
+            picks.extend(rng.choice(idx, size=min(shots, len(idx)), replace=False).tolist())
+    return np.sort(np.asarray(picks, dtype=np.int64))
+
+
+def _edge_learning(
+    cfg: FedConfig, data: SiteData, akida_model, seed: int
+) -> tuple[dict[str, Any], np.ndarray, dict[str, Any] | None]:
+    """Learn on-chip from ``edge.shots`` local training images per class; score on local test.
+
+    The head starts with the federated classes (learned from their shots); with
+    ``edge.new-class`` it then grows by one class (``add_classes``) learned from that class's
+    shots alone — the few-shot new class the federation never saw.
+
+    Returns
+    -------
+    tuple[dict[str, Any], np.ndarray, dict[str, Any] | None]
+        Metrics after learning, the predictions (class indices of ``data``) and, with a new
+        class, ``{"name", "shots", "learned"}``.
+    """
     from . import edge
     from .metrics import classification_metrics
 
     rng = np.random.default_rng(seed)
-    picks = []
-    for c in range(len(data.class_names)):
-        idx = np.flatnonzero(data.y_train == c)
-        if len(idx):
-            picks.extend(rng.choice(idx, size=min(cfg.edge.shots, len(idx)), replace=False))
-    picks = np.sort(np.asarray(picks, dtype=np.int64))
+    names = data.class_names
+    held_out = new_class_index(cfg, names)
+    old = [c for c in range(len(names)) if c != held_out]
+    picks = _pick_shots(data.y_train, old, cfg.edge.shots, rng)
+    head = {c: i for i, c in enumerate(old)}  # head neuron groups are numbered 0..k-1
     shots = data.x_train[picks].astype(np.uint8)
-    learner = edge.prepare_edge_learning(
-        akida_model, len(data.class_names), shots, neurons_per_class=cfg.edge.neurons_per_class
-    )
-    edge.learn(learner, shots, data.y_train[picks], seed=seed)
-    pred = edge.predict_classes(learner, data.x_test.astype(np.uint8), len(data.class_names))
-    metrics = classification_metrics(data.y_test, pred, data.class_names)
-    metrics["shots"] = int(len(picks))
-    return metrics
+    learner = edge.prepare_edge_learning(akida_model, len(old), shots,
+                                         neurons_per_class=cfg.edge.neurons_per_class)
+    edge.learn(learner, shots, np.array([head[c] for c in data.y_train[picks]]), seed=seed)
+    classes = list(old)
+    new_info = None
+    if held_out is not None:
+        new_picks = _pick_shots(data.y_train, [held_out], cfg.edge.shots, rng)
+        new_info = {"name": names[held_out], "shots": int(len(new_picks)),
+                    "learned": bool(len(new_picks))}
+        if len(new_picks):
+            edge.add_classes(learner, 1)
+            edge.learn(learner, data.x_train[new_picks].astype(np.uint8),
+                       np.full(len(new_picks), len(old)), seed=seed + 1)
+            classes.append(held_out)
+        else:
+            log.warning("site %s has no training image of the new class %r: not learned",
+                        data.site_id, names[held_out])
+    head_pred = edge.predict_classes(learner, data.x_test.astype(np.uint8), len(classes))
+    pred = np.asarray(classes)[np.asarray(head_pred)]
+    metrics = classification_metrics(data.y_test, pred, names)
+    metrics["shots"] = int(len(picks)) + (new_info["shots"] if new_info else 0)
+    return metrics, pred, new_info

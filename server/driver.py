@@ -195,6 +195,7 @@ class FederatedRun:
     def _config(self, state: dict[str, Any], step: int, phase: str) -> dict[str, Any]:
         cfg = self.cfg
         lr = cfg.qat_lr if phase == "qat" else cfg.lr
+        epochs = cfg.qat_local_epochs if phase == "qat" else cfg.local_epochs
         return {
             "run-id": state["run-id"],
             "server-round": step,
@@ -202,7 +203,7 @@ class FederatedRun:
             "scenario": json.dumps(state["scenario"]),
             "seed": int(cfg.seed),
             "lr": float(lr),
-            "local-epochs": int(cfg.local_epochs),
+            "local-epochs": int(epochs),
             "proximal-mu": float(getattr(self.strategy, "proximal_mu", 0.0)),
         }
 
@@ -245,6 +246,15 @@ class FederatedRun:
                 "every site must load data with the same class names",
             )
         self.class_names = list(next(iter(names)))
+        new_class = self.cfg.edge.new_class
+        if new_class is not None and new_class not in self.class_names:
+            from common.errors import ConfigError
+
+            raise ConfigError(
+                f"edge.new-class {new_class!r} is not one of the sites' classes "
+                f"({', '.join(self.class_names)})",
+                "name one of those classes, or remove edge.new-class",
+            )
         return sorted(result.replies)
 
     def run(self) -> dict[str, Any]:

@@ -42,6 +42,7 @@ class QanaGlobalModel:
     def __init__(self, cfg: FedConfig, num_classes: int) -> None:
         self.cfg = cfg
         self.num_classes = num_classes
+        self._qmodel = None  # the quantized model built at calibration, reused to convert
 
     def _float_model(self):
         from common.site import build_float_model
@@ -67,15 +68,25 @@ class QanaGlobalModel:
         from common.weights import BN_STATS, QUANTIZER, TRAINABLE, get_arrays
 
         qmodel = quantized_from_ranges(self.cfg, self.num_classes, float_arrays, ranges)
+        self._qmodel = qmodel
         return get_arrays(qmodel, (TRAINABLE, BN_STATS, QUANTIZER))
 
     def finalize(self, arrays: dict[str, np.ndarray], out_dir: Path) -> str | None:
-        """Convert to Akida, save ``global_model.fbz``, return the Akida model hash."""
-        from common.site import akida_from_arrays
+        """Convert to Akida, save ``global_model.fbz``, return the Akida model hash.
 
-        akida_model, digest = akida_from_arrays(self.cfg, self.num_classes, arrays)
-        if akida_model is None:
+        The quantized model built at calibration is reused when this process built one
+        (all its variables are overwritten with ``arrays``); after a resume it is rebuilt.
+        """
+        from common.site import akida_from_arrays, convert
+        from common.weights import set_arrays
+
+        if self.cfg.model.variant == "qana-float":
             return None
+        if self._qmodel is not None:
+            set_arrays(self._qmodel, arrays)
+            akida_model, digest = convert(self.cfg, self._qmodel)
+        else:
+            akida_model, digest = akida_from_arrays(self.cfg, self.num_classes, arrays)
         from common.convert import save_akida
 
         save_akida(akida_model, Path(out_dir) / "global_model.fbz")
