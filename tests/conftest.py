@@ -20,3 +20,34 @@ def ham_dir() -> Path:
     if not (HAM_DIR / "HAM10000_metadata.csv").is_file():
         pytest.skip(f"real HAM10000 subset not found at {HAM_DIR} (CI provides ../shared)")
     return HAM_DIR
+
+
+#: Data of the one tiny trained run the training, evaluation and saliency tests share.
+TINY_RUN_DATA = "synthetic:n=240,size=48,sites=3,seed=3"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """``qanafed model train`` of a tiny qana-akd1000 (48 px), run once for the whole session.
+
+    Returns
+    -------
+    SimpleNamespace
+        ``out`` (the run folder), ``payload`` (its metrics.json as printed by ``--json``) and
+        ``data`` (the dataset spec it was trained on).
+    """
+    import json
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from qanafed.cli import app
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    result = CliRunner().invoke(app, [
+        "model", "train", "--data", TINY_RUN_DATA, "--variant", "qana-akd1000", "--size", "48",
+        "--out", str(out), "--width", "0.25", "--epochs", "2", "--qat-epochs", "1",
+        "--balance", "oversample", "--no-augment", "--min-agreement", "0.05", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    return SimpleNamespace(out=out, payload=json.loads(result.stdout), data=TINY_RUN_DATA)

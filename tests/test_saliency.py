@@ -20,22 +20,14 @@ from common.saliency import (
 )
 from qanafed.cli import model_explain
 
-DATA = "synthetic:n=80,size=48,sites=2,seed=5"
+DATA = "synthetic:n=240,size=48,sites=3,seed=3"  # = conftest.TINY_RUN_DATA
 SIZE = 48
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A `qanafed model train` output folder of a tiny qana-akd1000 (one float epoch, PTQ)."""
-    from common.loaders import load_dataset
-    from common.train import TrainConfig, run_training
-
-    out = tmp_path_factory.mktemp("explain") / "run"
-    cfg = TrainConfig(variant="qana-akd1000", size=SIZE, width=0.25, epochs=1, qat_epochs=0,
-                      balance="none", min_agreement=0.01, augment=False,
-                      calibration_samples=32)
-    run_training(load_dataset(DATA), cfg, out)
-    return out
+def run_dir(tiny_run):
+    """The session's tiny `qanafed model train` output folder (qana-akd1000, 48 px)."""
+    return tiny_run.out
 
 
 @pytest.fixture(scope="module")

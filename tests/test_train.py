@@ -12,7 +12,7 @@ from common.splits import Split
 from common.train import TrainConfig, prepare_arrays, run_training
 from qanafed.cli import app
 
-DATA = "synthetic:n=240,size=48,sites=3,seed=3"
+DATA = "synthetic:n=240,size=48,sites=3,seed=3"  # = conftest.TINY_RUN_DATA
 METRIC_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix"}
 
 
@@ -25,15 +25,8 @@ def tiny_config(**kw) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train") / "run"
-    result = CliRunner().invoke(app, [
-        "model", "train", "--data", DATA, "--variant", "qana-akd1000", "--size", "48",
-        "--out", str(out), "--width", "0.25", "--epochs", "2", "--qat-epochs", "1",
-        "--balance", "oversample", "--no-augment", "--min-agreement", "0.05", "--json",
-    ])
-    assert result.exit_code == 0, result.output
-    return out, json.loads(result.stdout)
+def trained(tiny_run):
+    return tiny_run.out, tiny_run.payload
 
 
 def test_train_writes_akida_model_and_metrics_for_float_quantized_akida(trained):
