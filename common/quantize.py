@@ -10,7 +10,7 @@ import tf_keras as keras
 
 from common.errors import DataError, ModelError
 from common.log import get_logger
-from common.models import SPIKE_LAYER, VariantInfo, check_convertible, get_variant
+from common.models import SPIKE_LAYER, VariantInfo, check_convertible, get_variant, spike_as_relu
 
 log = get_logger("quantize")
 
@@ -39,8 +39,12 @@ def akida_version(variant: str | VariantInfo) -> Iterator[None]:
 def quantization_params(variant: str | VariantInfo):
     """Return the quantizeml ``QuantizationParams`` of a variant (8/4/4 on Akida 1.0, 8-bit on 2.0).
 
-    Activations are quantized per-axis where Akida allows it; quantizeml switches the layers
-    that need it (ReLU inputs, vector outputs, Akida 1.0) to per-tensor itself.
+    On Akida 1.0 activations are quantized **per-tensor**: an Akida 1.0 layer reads its input
+    as one integer grid, but quantizeml's default per-axis ReLU outputs give every channel its
+    own fractional bits, which cnn2snn converts without complaint (its per-axis check compares
+    the wrong attribute) — the converted model then disagrees with the quantized one as soon
+    as trained channels have different ranges. Akida 2.0 applies per-channel output scales in
+    hardware, so it keeps quantizeml's per-axis default.
     """
     from quantizeml.layers import QuantizationParams
 
@@ -49,6 +53,7 @@ def quantization_params(variant: str | VariantInfo):
         input_weight_bits=info.input_bits,
         weight_bits=info.weight_bits,
         activation_bits=info.activation_bits,
+        per_tensor_activations=info.akida_version == "v1",
     )
 
 
@@ -121,7 +126,9 @@ def quantize_model(
     -------
     tf_keras.Model
         The quantized model (float logits out through a final Dequantizer). On Akida 1.0 the
-        spike generator ``head_spike`` outputs 1-bit values.
+        spike generator ``head_spike`` (a :class:`~common.models.SpikeReLU`, quantized as
+        ``ReLU(1.0)``) outputs 1-bit values and activations are per-tensor. Convert it with
+        :func:`common.akida_exact.convert_exact` for a bit-exact Akida model.
 
     Raises
     ------
@@ -135,6 +142,7 @@ def quantize_model(
 
     info = get_variant(variant)
     check_convertible(model, info)
+    model = spike_as_relu(model)
     q_config = {}
     if info.edge_learning:
         if SPIKE_LAYER not in {layer.name for layer in model.layers}:

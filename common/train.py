@@ -314,7 +314,7 @@ def train_and_convert(
     """
     import tf_keras as keras
 
-    from .convert import convert_model
+    from .akida_exact import convert_exact
     from .models import create_model
     from .parity import check_parity
     from .quantize import qat_compile, quantize_model
@@ -340,7 +340,10 @@ def train_and_convert(
         qat_compile(qmodel, cfg.effective_qat_lr)
         training["qat"] = fit_selecting_on_val(qmodel, arrays, cfg, cfg.qat_epochs, "qat", progress)
 
-    ak_model = convert_model(qmodel, cfg.variant)
+    # On Akida 1.0 this re-aligns the quantized weights to power-of-two scales (in place) and
+    # sets exact thresholds: the quantized model is scored after it, and the Akida model
+    # reproduces it bit for bit.
+    ak_model = convert_exact(qmodel, cfg.variant)
     parity = check_parity(qmodel, ak_model, arrays.x_test, min_agreement=cfg.min_agreement)
     names = arrays.class_names
     metrics = {
