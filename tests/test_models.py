@@ -14,12 +14,14 @@ import common  # noqa: F401  (legacy Keras env)
 from common.errors import ModelError
 from common.models import (
     GhostFold,
+    SpikeReLU,
     StageSpec,
     check_convertible,
     create_model,
     fold_ghost,
     get_variant,
     list_variants,
+    spike_as_relu,
 )
 from common.models.blocks import ghost_mask
 from common.quantize import quantize_model
@@ -181,10 +183,39 @@ def test_akd1000_model_is_sequential_with_a_spike_generator():
     # Assert
     assert all(inbound_count(layer) <= 1 for layer in model.layers)
     assert not any(isinstance(layer, (L.Add, L.Concatenate, L.Multiply)) for layer in model.layers)
-    spike = model.get_layer("head_spike")
-    assert isinstance(spike, L.ReLU) and float(spike.max_value) == 1.0
+    assert isinstance(model.get_layer("head_spike"), SpikeReLU)
     assert model.layers[-1].name == "head_dense"
     check_convertible(model, "qana-akd1000")
+
+
+def test_spike_generator_trains_as_the_1bit_step_it_becomes():
+    import tensorflow as tf
+
+    # Prepare
+    x = tf.constant([-1.0, -0.2, 0.3, 0.5, 0.9, 1.2, 2.0])
+    layer = SpikeReLU(name="spike")
+    # Execute
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+    grad = tape.gradient(y, x).numpy()
+    # Assert: forward is the 1-bit quantizer's step at 0.5; backward is straight-through near it
+    assert y.numpy().tolist() == [0, 0, 0, 1, 1, 1, 1]
+    assert grad.tolist() == [0, 1, 1, 1, 1, 1, 0]
+
+
+def test_spike_as_relu_gives_the_relu_quantizeml_quantizes_with_the_same_weights():
+    # Prepare
+    model = tiny("qana-akd1000")
+    # Execute
+    clone = spike_as_relu(model)
+    # Assert
+    spike = clone.get_layer("head_spike")
+    assert type(spike) is L.ReLU and float(spike.max_value) == 1.0
+    assert [w.name for w in clone.weights] == [w.name for w in model.weights]
+    assert all(np.array_equal(a, b) for a, b in zip(clone.get_weights(), model.get_weights(),
+                                                    strict=True))
+    assert spike_as_relu(clone) is clone
 
 
 def test_float_model_is_refused_naming_the_layer_before_quantizeml():

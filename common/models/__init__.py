@@ -1,7 +1,14 @@
 """QANA model family: variant registry, builders and Akida compatibility checks."""
 
 from common.models import qana_akd1000, qana_akida2, qana_float  # noqa: F401  (registration)
-from common.models.blocks import HEAD_DENSE, SPIKE_LAYER, GhostFold, fold_ghost
+from common.models.blocks import (
+    HEAD_DENSE,
+    SPIKE_LAYER,
+    GhostFold,
+    SpikeReLU,
+    fold_ghost,
+    spike_as_relu,
+)
 from common.models.compat import check_convertible
 from common.models.registry import (
     StageSpec,
@@ -16,6 +23,7 @@ __all__ = [
     "HEAD_DENSE",
     "SPIKE_LAYER",
     "GhostFold",
+    "SpikeReLU",
     "StageSpec",
     "VariantInfo",
     "check_convertible",
@@ -24,4 +32,5 @@ __all__ = [
     "get_variant",
     "list_variants",
     "register_model",
+    "spike_as_relu",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import tensorflow as tf
 import tf_keras as keras
 
 L = keras.layers
@@ -15,6 +16,51 @@ SPIKE_LAYER = "head_spike"
 HEAD_DENSE = "head_dense"
 
 _BN = {"momentum": 0.9, "epsilon": 1e-3}
+
+
+@keras.saving.register_keras_serializable(package="qanafed")
+class SpikeReLU(keras.layers.Layer):
+    """1-bit spike generator for training: fires 1 where ``x >= 0.5``, else 0 (straight-through).
+
+    Forward it computes exactly what the Akida 1.0 spike layer computes once quantized — a
+    ``ReLU(max 1)`` whose 1-bit output quantizer rounds ``clip(x, 0, 1)`` to {0, 1}, i.e. the
+    step at 0.5 — so the float head is trained on the binary features the chip will emit and
+    on-chip learning sees class-dependent spikes. Backward it passes the gradient straight
+    through on ``-0.5 <= x <= 1.5`` (one unit either side of the threshold, so a channel that
+    is off or saturated for a whole batch still learns) and blocks it elsewhere.
+
+    :func:`spike_as_relu` swaps it for the ``ReLU(1.0)`` quantizeml quantizes.
+    """
+
+    def call(self, inputs):
+        """Binarise ``inputs`` at 0.5 with a windowed straight-through gradient."""
+        window = tf.clip_by_value(inputs, -0.5, 1.5)
+        spikes = tf.cast(inputs >= 0.5, inputs.dtype)
+        return window + tf.stop_gradient(spikes - window)
+
+    def compute_output_shape(self, input_shape):
+        """Return the input shape (elementwise layer)."""
+        return input_shape
+
+
+def spike_as_relu(model: keras.Model) -> keras.Model:
+    """Return ``model`` with every :class:`SpikeReLU` replaced by ``ReLU(1.0)`` of the same name.
+
+    quantizeml quantizes a ``ReLU(1.0)`` with a 1-bit output quantizer into the same step at
+    0.5; the weights are copied, so the clone computes what ``model`` computes after
+    quantization. A model without a :class:`SpikeReLU` is returned unchanged (not cloned).
+    """
+    if not any(isinstance(layer, SpikeReLU) for layer in model.layers):
+        return model
+
+    def clone_function(layer: keras.layers.Layer) -> keras.layers.Layer:
+        if isinstance(layer, SpikeReLU):
+            return L.ReLU(1.0, name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    clone = keras.models.clone_model(model, clone_function=clone_function)
+    clone.set_weights(model.get_weights())
+    return clone
 
 
 def scale_channels(channels: int, width: float, divisor: int = 4) -> int:
@@ -30,7 +76,8 @@ def activation(x, kind: str | None, name: str):
     x : tf.Tensor
         Input tensor.
     kind : str | None
-        ``"relu6"`` (bounded ReLU), ``"spike"`` (ReLU bounded at 1), ``"hard_silu"`` / ``"swish"``
+        ``"relu6"`` (bounded ReLU), ``"spike"`` (:class:`SpikeReLU`, 1-bit step at 0.5),
+        ``"hard_silu"`` / ``"swish"``
         (quantizeml self-gating activations, Akida 2.0 only), ``"relu"`` / ``"sigmoid"`` (float
         only) or None (identity, no layer added).
     name : str
@@ -41,7 +88,7 @@ def activation(x, kind: str | None, name: str):
     if kind == "relu6":
         return L.ReLU(RELU_MAX, name=name)(x)
     if kind == "spike":
-        return L.ReLU(1.0, name=name)(x)
+        return SpikeReLU(name=name)(x)
     if kind in ("hard_silu", "swish"):
         from quantizeml.layers import Activation
 

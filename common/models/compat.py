@@ -24,7 +24,11 @@ def _problem(layer: keras.layers.Layer, version: str) -> str | None:
     """Why ``layer`` cannot run on Akida ``version`` ("v1" | "v2"), or None if it can."""
     from quantizeml.layers import Activation as QActivation
 
+    from common.models.blocks import SpikeReLU
+
     kind = type(layer).__name__
+    if isinstance(layer, SpikeReLU):
+        return None  # quantized as ReLU(1.0) with a 1-bit output (see spike_as_relu)
     if isinstance(layer, L.Multiply):
         return (
             "multiplies two tensors (sigmoid/hard-sigmoid gating as in SE/ECA): neither Akida "

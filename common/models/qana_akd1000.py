@@ -8,6 +8,7 @@ from common.errors import ModelError
 from common.models.blocks import (
     HEAD_DENSE,
     SPIKE_LAYER,
+    SpikeReLU,
     conv_bn_act,
     ghost_folded,
     init_ghost_folds,
@@ -71,14 +72,19 @@ def qana_akd1000(
             x = ghost_folded(x, out, f"s{i}_b{b}")
         channels = out
     # Spike-compatible transformation and projection head (the pattern Akida 1.0 converts:
-    # SepConv → BN → GAP → ReLU → Dense); the ReLU(max 1) is quantized to 1 bit (spikes).
+    # SepConv → BN → GAP → ReLU → Dense). The spike generator is trained as the 1-bit step it
+    # becomes on the chip (SpikeReLU, swapped for a 1-bit-quantized ReLU(max 1) at quantization).
     x = L.SeparableConv2D(
         scale_channels(info.head_channels, width), 3, padding="same", use_bias=False,
         name="head_conv",
     )(x)
-    x = L.BatchNormalization(momentum=0.9, epsilon=1e-3, name="head_bn")(x)
+    # beta starts at the 0.5 spike threshold, so about half the channels fire from the start.
+    x = L.BatchNormalization(
+        momentum=0.9, epsilon=1e-3, beta_initializer=keras.initializers.Constant(0.5),
+        name="head_bn",
+    )(x)
     x = L.GlobalAveragePooling2D(name="head_pool")(x)
-    x = L.ReLU(1.0, name=SPIKE_LAYER)(x)
+    x = SpikeReLU(name=SPIKE_LAYER)(x)
     outputs = L.Dense(num_classes, name=HEAD_DENSE)(x)
     model = keras.Model(inputs, outputs, name=info.name.replace("-", "_"))
     init_ghost_folds(model, seed)
