@@ -91,6 +91,15 @@ def _channel_scales(layer: keras.layers.Layer) -> np.ndarray:
     return kernel.max(axis=tuple(range(kernel.ndim - 1))) / _int_max(layer.weight_quantizer)
 
 
+def _input_scale(layer: keras.layers.Layer) -> float:
+    """Float scale of the layer's input (the model's Rescaling before the first layer, else 1)."""
+    inbound = layer.inbound_nodes[0].inbound_layers
+    inbound = inbound[0] if isinstance(inbound, list) else inbound
+    scale = getattr(inbound, "scale", None) if type(inbound).__name__ == "QuantizedRescaling" \
+        else None
+    return 1.0 if scale is None else float(np.float32(scale))
+
+
 def _scale_outputs(layer: keras.layers.Layer, alpha: np.ndarray) -> None:
     var = layer.pointwise_kernel if hasattr(layer, "pw_weight_quantizer") else layer.kernel
     var.assign(var.numpy() * alpha)
@@ -111,7 +120,9 @@ def pow2_output_scales(qmodel: keras.Model) -> int:
     For a block ``conv → (GAP) → QuantizedReLU(out_quantizer)`` followed by another weighted
     layer, output channel ``c`` is multiplied by ``α_c`` (kernel and bias) and the next
     layer's input channel ``c`` by ``1/α_c``; ``α_c`` is the factor in [0.71, 1.41] that
-    brings ``weight_scale_c × rescaling_rate`` just above a power of two. The float function
+    brings ``input_scale × weight_scale_c × rescaling_rate`` (quantizeml's output scale, the
+    input scale being the model's 1/255 Rescaling for the first layer) just above a power of
+    two. The float function
     is unchanged except that channel ``c`` now saturates at ``max_value / α_c`` and uses a
     grid ``α_c`` times finer (so accuracy moves slightly; measure the quantized model after
     this, not before). 1-bit (spike) blocks and the last layer are left alone; the
@@ -133,7 +144,7 @@ def pow2_output_scales(qmodel: keras.Model) -> int:
             log.warning("%s: per-axis output quantizer; power-of-two scales need per-tensor "
                         "activations (Akida 1.0 quantization_params)", cur.name)
             continue
-        scales = _channel_scales(cur).astype(np.float64) * float(rate)
+        scales = _channel_scales(cur).astype(np.float64) * float(rate) * _input_scale(cur)
         live = scales > 0
         target = np.exp2(np.round(np.log2(np.where(live, scales, 1.0)))) * (1 + _POW2_MARGIN)
         alpha = np.where(live, target / np.where(live, scales, 1.0), 1.0)
