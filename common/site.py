@@ -232,15 +232,18 @@ def convert(cfg: FedConfig, qmodel):
     quantizeml names its input layer ``input_quantizer_<n>`` after the number of models built
     in the process, and the name is part of the Akida model's bytes: it is renamed to the
     canonical ``input_quantizer`` first, so the hash depends on the weights only, whichever
-    process (server, site, cached or fresh model) converts.
+    process (server, site, cached or fresh model) converts. Akida 1.0 models are converted
+    bit-exactly (:func:`common.akida_exact.convert_exact`, which sets power-of-two output scales
+    on ``qmodel`` in place), so the chip computes what the quantized model computed.
     """
-    from .convert import convert_model, model_hash
+    from .akida_exact import convert_exact
+    from .convert import model_hash
     from .weights import canonical_layers
 
     for name, layer in canonical_layers(qmodel).items():
         if layer.name != name:
             layer._name = name  # Keras has no public rename
-    akida_model = convert_model(qmodel, cfg.model.variant)
+    akida_model = convert_exact(qmodel, cfg.model.variant)
     return akida_model, model_hash(akida_model)
 
 
