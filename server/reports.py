@@ -70,16 +70,24 @@ def _fmt(x: Any) -> str:
 def report_markdown(report: Mapping[str, Any]) -> str:
     """Render a human-readable summary of :func:`build_report`'s output."""
     sc = report.get("scenario") or {}
+    phases = report.get("phase_seconds") or {}
     lines = [f"# Federated run {sc.get('name', '')}", "",
              f"- run id: `{report.get('run_id')}`",
              f"- data: `{sc.get('data')}`; variant {sc.get('model', {}).get('variant')}, "
              f"{sc.get('model', {}).get('size')} px; strategy {sc.get('strategy', {}).get('name')}",
              f"- complete: {report.get('complete')}; "
              f"wall time: {_fmt(report.get('wall_seconds'))} s",
-             f"- time per phase (s): {json.dumps(report.get('phase_seconds', {}))}", "",
-             "## Rounds", "",
-             "| round | phase | site | loss | bal. acc. | macro F1 | bytes sent | bytes recv | s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "- time per phase (s): " + ", ".join(f"{k} {_fmt(float(v))}"
+                                                 for k, v in phases.items()), ""]
+    new_class = (sc.get("edge") or {}).get("new-class")
+    if new_class:
+        lines += [f"Class `{new_class}` is held out of federated training: the rounds score the "
+                  "other classes; the final Akida scores are on every local test image.", ""]
+    lines += ["## Rounds", "",
+              "Test loss, balanced accuracy and macro F1 on each site's local test split; "
+              "global = example-weighted mean over sites.", "",
+              "| round | phase | site | loss | bal. acc. | macro F1 | bytes sent | bytes recv "
+              "| s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report.get("rounds", []):
         if r["phase"] == "finalize":
             continue
@@ -96,15 +104,40 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             lines.append(f"| | | {site} | dropped: {why} | | | | | |")
     final = report.get("final")
     if final:
+        g = final.get("global", {})
         lines += ["", "## Final Akida model per site", "",
-                  f"Server Akida model hash: `{final.get('server_hash')}`", "",
-                  "| site | hash matches | Akida bal. acc. | Akida macro F1 | after on-chip "
-                  "learning bal. acc. | after macro F1 |", "|---|---|---|---|---|---|"]
+                  f"Server Akida model hash: `{final.get('server_hash')}` "
+                  f"(bytes sent {final.get('bytes_sent')}, {final.get('seconds')} s)", "",
+                  "| site | hash matches | Akida/quantized agreement | Akida bal. acc. | "
+                  "Akida macro F1 | after on-chip learning bal. acc. | after macro F1 |",
+                  "|---|---|---|---|---|---|---|",
+                  f"| **global** | | | {_fmt(g.get('akida.balanced_accuracy'))} | "
+                  f"{_fmt(g.get('akida.macro_f1'))} | "
+                  f"{_fmt(g.get('akida_after_edge.balanced_accuracy'))} | "
+                  f"{_fmt(g.get('akida_after_edge.macro_f1'))} |"]
         for site, m in sorted(final.get("sites", {}).items()):
             a, e = m.get("akida") or {}, m.get("akida_after_edge") or {}
-            lines.append(f"| {site} | {m.get('hash_matches')} | {_fmt(a.get('balanced_accuracy'))}"
-                         f" | {_fmt(a.get('macro_f1'))} | {_fmt(e.get('balanced_accuracy'))} | "
-                         f"{_fmt(e.get('macro_f1'))} |")
+            after = _fmt(e.get("balanced_accuracy")) if "error" not in e else \
+                f"skipped: {e['error']}"
+            lines.append(f"| {site} | {m.get('hash_matches')} | {_fmt(m.get('akida_agreement'))}"
+                         f" | {_fmt(a.get('balanced_accuracy'))} | {_fmt(a.get('macro_f1'))} | "
+                         f"{after} | {_fmt(e.get('macro_f1'))} |")
+        news = {s: m["new_class"] for s, m in final.get("sites", {}).items()
+                if m.get("new_class")}
+        if news:
+            lines += ["", f"## New class learned on-chip: `{new_class}`", "",
+                      "Recall of the new class and balanced accuracy of the old classes, before "
+                      "and after on-chip learning.", "",
+                      "| site | shots | new-class recall before | after | old classes bal. acc. "
+                      "before | after |", "|---|---|---|---|---|---|"]
+            for site, n in sorted(news.items()):
+                def part(when: str, which: str, key: str, n=n) -> str:
+                    block = (n.get(when) or {}).get(which) or {}
+                    return _fmt(block.get(key))
+                lines.append(f"| {site} | {n.get('shots')} | {part('before', 'new', 'accuracy')}"
+                             f" | {part('after', 'new', 'accuracy')} | "
+                             f"{part('before', 'old', 'balanced_accuracy')} | "
+                             f"{part('after', 'old', 'balanced_accuracy')} |")
     return "\n".join(lines) + "\n"
 
 

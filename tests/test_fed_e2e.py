@@ -1,5 +1,6 @@
 """End to end: 3 simulated sites train a tiny QANA (warm-up, federated calibration, 2 QAT rounds),
-convert it to Akida, learn on-chip and report sealed metrics that the coordinator decrypts."""
+convert it to Akida, learn on-chip (incl. a class held out of the federation) and report sealed
+metrics that the coordinator decrypts."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def test_three_sites_reach_identical_akida_models_with_sealed_reports(tmp_path):
         "model": {"variant": "qana-akd1000", "size": 48, "width": 0.25, "depth": 1},
         "rounds": {"warmup": 1, "qat": 2}, "batch-size": 16, "lr": 0.003, "qat-lr": 0.0003,
         "calibration-samples": 32, "quorum": {"min-sites": 3, "min-replies": 3},
-        "timeouts": {"connect": 300, "round": 900}, "edge": {"shots": 3, "neurons-per-class": 1},
+        "timeouts": {"connect": 300, "round": 900}, "balance": "oversample",
+        "edge": {"shots": 3, "neurons-per-class": 1, "new-class": "mel"},
         "metrics-key": str(keys / "metrics.pub"), "seed": 3,
     })
     out = tmp_path / "run"
@@ -37,7 +39,7 @@ def test_three_sites_reach_identical_akida_models_with_sealed_reports(tmp_path):
     # Execute
     simulate(make_server_app({"scenario-config": cfg, "out-dir": str(out),
                               "metrics-private-key": str(keys / "metrics.key")}),
-             client_app, num_sites=3)
+             client_app, num_sites=3, parallel=2)
 
     # Assert
     report = json.loads((out / "report.json").read_text())
@@ -48,12 +50,15 @@ def test_three_sites_reach_identical_akida_models_with_sealed_reports(tmp_path):
     for r in report["rounds"]:
         assert set(r["sites"]) == sites, r["phase"]  # every sealed report was decrypted
         assert r["dropped"] == {}
+    mel = report["sites"]["site-0"]["class_names"].index("mel")
     for r in report["rounds"]:
         if r["phase"] in ("warmup", "qat"):
             for m in r["sites"].values():
                 assert 0.0 <= m["test"]["balanced_accuracy"] <= 1.0
                 assert m["train_examples"] > 0
-            assert r["bytes_received"] > 0
+                assert sum(m["test"]["confusion_matrix"][mel]) == 0  # held out of the rounds
+            assert r["bytes_received"] > 0 and r["bytes_sent"] > 0
+    assert set(report["phase_seconds"]) == {"warmup", "calibrate", "qat", "finalize"}
     final = report["final"]
     server_hash = final["server_hash"]
     assert server_hash and (out / "global_model.fbz").is_file()
@@ -62,6 +67,18 @@ def test_three_sites_reach_identical_akida_models_with_sealed_reports(tmp_path):
         assert m["hash_matches"] and m["hash_matches_server"]
         assert 0.0 <= m["akida"]["balanced_accuracy"] <= 1.0
         assert m["akida"]["num_examples"] > 0
+        assert 0.0 <= m["akida_agreement"] <= 1.0
         edge = m["akida_after_edge"]
         assert edge is not None and ("balanced_accuracy" in edge or "error" in edge)
-    assert (out / "report.md").read_text().count("site-") >= 3
+        if "error" in edge:
+            continue
+        new = m["new_class"]
+        assert new["name"] == "mel"
+        has_mel_test = report["sites"][site]["test_class_counts"][mel] > 0
+        assert new["learned"] == (new["shots"] > 0)
+        assert (new["after"]["new"] is not None) == has_mel_test
+        assert new["before"]["old"]["num_examples"] == new["after"]["old"]["num_examples"] > 0
+    assert any(m["new_class"]["learned"] for m in final["sites"].values()
+               if "new_class" in m)
+    md = (out / "report.md").read_text()
+    assert md.count("site-") >= 3 and "new class" in md.lower()
