@@ -437,8 +437,8 @@ def finalize(
                                                     names)}
     local = local_model(cfg, len(names), QUANTIZED)
     set_arrays(local.model, arrays)
-    logits = predict_logits(local.model, data.x_test)
     akida_model, digest = convert(cfg, local.model)
+    logits = predict_logits(local.model, data.x_test)  # after convert: it may rescale in place
     from .train import predict_akida
 
     pred = predict_akida(akida_model, data.x_test.astype(np.uint8))
