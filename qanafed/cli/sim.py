@@ -81,7 +81,8 @@ def sim(
         "--resume", help="Continue from the last complete round in OUT/checkpoints.")] = False,
     parallel: Annotated[int | None, typer.Option(
         "--parallel", min=1,
-        help="Sites trained at once (each ~3 GB RAM); default: min(sites, CPU cores).")] = None,
+        help="Sites trained at once (each a TensorFlow process, ~1.3 GB); default: "
+        "min(sites, CPU cores).")] = None,
     metrics_key: Annotated[Path | None, typer.Option(
         "--metrics-key", exists=True, dir_okay=False,
         help="Coordinator metrics private key (PEM); default: OUT/keys/metrics.key, created "
