@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--qat-epochs", type=int, default=3)
     p.add_argument("--width", type=float, default=0.5)
-    p.add_argument("--balance", default="oversample")
+    p.add_argument("--balance", default="none")
+    p.add_argument("--class-weighted", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--new-class", default="bcc")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 20])
     p.add_argument("--out", default=str(HERE / "results" / "qana_akida.json"))
@@ -178,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     for size in args.sizes:
         base = TrainConfig(size=size, width=args.width, epochs=args.epochs,
-                           qat_epochs=args.qat_epochs, balance=args.balance, min_agreement=0.01)
+                           qat_epochs=args.qat_epochs, balance=args.balance,
+                           class_weighted=args.class_weighted, min_agreement=0.01)
         arrays, _ = prepare_arrays(ds, base)
         for variant in args.variants:
             cfg = dataclasses.replace(base, variant=variant)
@@ -197,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     md = [f"`python -m bench.qana_akida` ({time.strftime('%Y-%m-%d %H:%M')}), data "
           f"`{Path(args.data).name}`, lesion-grouped test split, {args.epochs} float + "
           f"{args.qat_epochs} QAT epochs max (early stopping on validation), width "
-          f"{args.width}, balance {args.balance}. Machine: {doc['machine']['summary']}.", "",
+          f"{args.width}, balance {args.balance}, class-weighted loss {args.class_weighted}. "
+          f"Machine: {doc['machine']['summary']}.", "",
           table(results)]
     for c in curves:
         md += ["", f"Edge learning at {c['size']} px: backbone trained without `{c['new_class']}`,"
