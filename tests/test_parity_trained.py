@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -34,7 +36,9 @@ def trained():
     """The real pipeline (float training, PTQ, one QAT epoch, conversion) on a tiny model."""
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(1)
+    # one thread, unless an earlier test already started TensorFlow's runtime
+    with contextlib.suppress(RuntimeError):
+        tf.config.threading.set_intra_op_parallelism_threads(1)
     arrays = SplitArrays(*textures(30, seed=0), *textures(5, seed=1), *textures(12, seed=2),
                          class_names=tuple(f"class{c}" for c in range(CLASSES)))
     cfg = TrainConfig(variant="qana-akd1000", size=SIZE, width=0.25, epochs=5, qat_epochs=1,

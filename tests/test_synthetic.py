@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 
@@ -138,7 +139,9 @@ def test_hard_but_learnable_colour_statistics_lose_clearly_to_a_tiny_cnn():
 
     from common.splits import grouped_split
 
-    tf.config.threading.set_intra_op_parallelism_threads(1)
+    # one thread, unless an earlier test already started TensorFlow's runtime
+    with contextlib.suppress(RuntimeError):
+        tf.config.threading.set_intra_op_parallelism_threads(1)
     ds = make_synthetic(n=1200, size=32, seed=0)
     split = grouped_split(ds, val=0.0, test=0.25, seed=0)
     train, test = split.train, split.test
