@@ -215,7 +215,14 @@ def markdown(doc: dict[str, Any]) -> str:
                              f"{o['bytes_sent']:,} | {o['bytes_received']:,} |")
     lines += ["", "- Ratio > 1 is the federation's overhead (message passing, Ray, per-process "
               "model build and graph tracing, sealing reports); < 1 means the 2 parallel site "
-              "processes beat one process doing the sites in turn.",
+              "processes beat one process doing the sites in turn. The calibrate row's "
+              "in-process column includes one server-side quantization per site (the "
+              "federation does one in all), so it overstates the in-process cost.",
+              "- Peak PSS is summed over the bench's process tree (the bench process, Ray and "
+              "its site processes). The bench process does not give back the memory of its "
+              "in-process runs, so the figure grows run after run: only the first method's "
+              "(FedAvg, 2 site processes + the server in the bench process) is a clean "
+              "federation figure.",
               "- Raw numbers: `bench/results/federation.json`."]
     return "\n".join(lines) + "\n"
 
