@@ -94,7 +94,7 @@ def render(result: dict) -> str:
 {result['data']}, {result['n']} images ({result['source_side']}), batch {result['batch']}, median of
 {result['repeats']} interleaved repeats.
 
-- Machine: {m['cpu_model']}, {m['nproc']} cores shared with other work (1-min load average
+- Machine: {m['cpu_model']}, {m['nproc']} cores (1-min load average
   {m['load_avg_1min']} at start, {result['load_avg_end']} at end), {m['ram_gb']} GB RAM,
   Python {m['python']}, TensorFlow {result['tensorflow']} with default thread pools.
 
