@@ -30,8 +30,13 @@ def _subset(arrays: Any, keep_classes: np.ndarray) -> Any:
     """Arrays without the images of classes outside ``keep_classes`` in train/val."""
     tr = np.isin(arrays.y_train, keep_classes)
     va = np.isin(arrays.y_val, keep_classes)
-    return dataclasses.replace(arrays, x_train=arrays.x_train[tr], y_train=arrays.y_train[tr],
-                               x_val=arrays.x_val[va], y_val=arrays.y_val[va])
+    return dataclasses.replace(
+        arrays,
+        x_train=arrays.x_train[tr],
+        y_train=arrays.y_train[tr],
+        x_val=arrays.x_val[va],
+        y_val=arrays.y_val[va],
+    )
 
 
 def _unbalanced_train(arrays: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -49,8 +54,16 @@ def run_variant(arrays: Any, cfg: Any) -> dict[str, Any]:
     info = get_variant(cfg.variant)
     t0 = time.perf_counter()
     res = train_and_convert(arrays, cfg)
-    out: dict[str, Any] = {"variant": cfg.variant, "size": cfg.size, "width": cfg.width,
-                           "train_seconds": time.perf_counter() - t0}
+    out: dict[str, Any] = {
+        "variant": cfg.variant,
+        "size": cfg.size,
+        "width": cfg.width,
+        "train_seconds": time.perf_counter() - t0,
+        "epochs_max": cfg.epochs,
+        "qat_epochs_max": cfg.qat_epochs,
+        "lr_schedule": cfg.lr_schedule,
+        "best_float_epoch": res["training"]["float"]["best_epoch"],
+    }
     for kind in ("float", "quantized", "akida"):
         m = res["metrics"][kind]
         out[kind] = {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
@@ -78,8 +91,8 @@ def run_variant(arrays: Any, cfg: Any) -> dict[str, Any]:
         y_pred = predict_classes(head, arrays.x_test)
         onchip = classification_metrics(arrays.y_test, y_pred, arrays.class_names)
         out["onchip_head"] = {k: onchip[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
-        out["onchip_over_float_head_balacc"] = (
-            onchip["balanced_accuracy"] / max(1e-9, out["akida"]["balanced_accuracy"])
+        out["onchip_over_float_head_balacc"] = onchip["balanced_accuracy"] / max(
+            1e-9, out["akida"]["balanced_accuracy"]
         )
     return out
 
@@ -113,31 +126,46 @@ def new_class_curve(arrays: Any, cfg: Any, new_class: str, shots: list[int]) -> 
         pick = rng.choice(pool, size=min(k, len(pool)), replace=False)
         learn(head, x_tr[pick], np.full(len(pick), len(old)))
         y_pred = predict_classes(head, arrays.x_test)
-        m_old = classification_metrics(y_test[~test_new], y_pred[~test_new],
-                                       [names[i] for i in old] + [new_class])
-        curve.append({"shots": int(len(pick)),
-                      "new_class_recall": float(np.mean(y_pred[test_new] == len(old))),
-                      "old_balanced_accuracy": m_old["balanced_accuracy"]})
+        m_old = classification_metrics(
+            y_test[~test_new], y_pred[~test_new], [names[i] for i in old] + [new_class]
+        )
+        curve.append(
+            {
+                "shots": int(len(pick)),
+                "new_class_recall": float(np.mean(y_pred[test_new] == len(old))),
+                "old_balanced_accuracy": m_old["balanced_accuracy"],
+            }
+        )
         log.info("new class %s, %d shots: %s", new_class, k, curve[-1])
-    return {"new_class": new_class, "curve": curve,
-            "old_balanced_accuracy_before": classification_metrics(
-                y_test[~test_new], predict_classes(ak, arrays.x_test)[~test_new],
-                [names[i] for i in old])["balanced_accuracy"]}
+    return {
+        "new_class": new_class,
+        "curve": curve,
+        "old_balanced_accuracy_before": classification_metrics(
+            y_test[~test_new],
+            predict_classes(ak, arrays.x_test)[~test_new],
+            [names[i] for i in old],
+        )["balanced_accuracy"],
+    }
 
 
 def table(results: list[dict[str, Any]]) -> str:
     """Markdown table of the variant results."""
-    rows = ["| variant | px | float bal-acc / F1 | quantized | Akida | agree | NPs / passes | "
-            "float ms/img b1 / b32 | Akida ms/img b1 / b32 | QAT/float epoch |",
-            "|---|---:|---|---|---|---:|---|---|---|---:|"]
+    rows = [
+        "| variant | px | float bal-acc / F1 | quantized | Akida | agree | NPs / passes | "
+        "float ms/img b1 / b32 | Akida ms/img b1 / b32 | QAT/float epoch |",
+        "|---|---:|---|---|---|---:|---|---|---|---:|",
+    ]
     for r in results:
         mp = r.get("mapping", {})
         nps = f"{mp.get('nps_used', '?')}/{mp.get('nps_available', '?')} / {mp.get('passes', '?')}"
         lk, la = r["latency_keras_float"], r["latency_akida_software"]
 
         def ms(lat: dict[str, Any], b: int) -> str:
-            return f"{lat['batches'][str(b)]['ms_per_image']:.2f}" if str(b) in lat.get(
-                "batches", {}) else "?"
+            return (
+                f"{lat['batches'][str(b)]['ms_per_image']:.2f}"
+                if str(b) in lat.get("batches", {})
+                else "?"
+            )
 
         rows.append(
             f"| {r['variant']} | {r['size']} | {r['float']['balanced_accuracy']:.3f} / "
@@ -145,7 +173,8 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{r['quantized']['macro_f1']:.3f} | {r['akida']['balanced_accuracy']:.3f} / "
             f"{r['akida']['macro_f1']:.3f} | {r['parity']['top1_agreement']:.3f} | {nps} | "
             f"{ms(lk, 1)} / {ms(lk, 32)} | {ms(la, 1)} / {ms(la, 32)} | "
-            f"{r.get('qat_over_float_epoch', float('nan')):.1f} |")
+            f"{r.get('qat_over_float_epoch', float('nan')):.1f} |"
+        )
     return "\n".join(rows)
 
 
@@ -156,19 +185,32 @@ def main(argv: list[str] | None = None) -> None:
     from common.train import TrainConfig, prepare_arrays
 
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--data", default=str(DEFAULT_DATA) if DEFAULT_DATA.exists() else
-                   "synthetic:n=3000,size=128,sites=4,seed=0")
+    p.add_argument(
+        "--data",
+        default=str(DEFAULT_DATA)
+        if DEFAULT_DATA.exists()
+        else "synthetic:n=3000,size=128,sites=4,seed=0",
+    )
     p.add_argument("--sizes", type=int, nargs="+", default=[64])
-    p.add_argument("--variants", nargs="+",
-                   default=[v.name for v in list_variants() if v.convertible])
+    p.add_argument(
+        "--variants", nargs="+", default=[v.name for v in list_variants() if v.convertible]
+    )
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--qat-epochs", type=int, default=3)
     p.add_argument("--width", type=float, default=0.5)
     p.add_argument("--balance", default="none")
+    p.add_argument("--lr-schedule", default="cosine")
+    p.add_argument("--patience", type=int, default=8)
     p.add_argument("--class-weighted", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--new-class", default="bcc")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 20])
     p.add_argument("--out", default=str(HERE / "results" / "qana_akida.json"))
+    p.add_argument(
+        "--merge",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Keep other variants/sizes already in --out (the table shows them all).",
+    )
     args = p.parse_args(argv)
 
     import logging
@@ -178,9 +220,17 @@ def main(argv: list[str] | None = None) -> None:
     results, curves = [], []
     t0 = time.time()
     for size in args.sizes:
-        base = TrainConfig(size=size, width=args.width, epochs=args.epochs,
-                           qat_epochs=args.qat_epochs, balance=args.balance,
-                           class_weighted=args.class_weighted, min_agreement=0.01)
+        base = TrainConfig(
+            size=size,
+            width=args.width,
+            epochs=args.epochs,
+            qat_epochs=args.qat_epochs,
+            balance=args.balance,
+            class_weighted=args.class_weighted,
+            min_agreement=0.01,
+            lr_schedule=args.lr_schedule,
+            patience=args.patience,
+        )
         arrays, _ = prepare_arrays(ds, base)
         for variant in args.variants:
             cfg = dataclasses.replace(base, variant=variant)
@@ -189,32 +239,60 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(results[-1], indent=1, default=str)[:2000])
         if "qana-akd1000" in args.variants and args.new_class in arrays.class_names:
             cfg = dataclasses.replace(base, variant="qana-akd1000")
-            curves.append({"size": size, **new_class_curve(arrays, cfg, args.new_class,
-                                                          args.shots)})
-    doc = {"machine": machine(), "data": args.data, "args": vars(args), "results": results,
-           "edge_new_class": curves, "wall_seconds": time.time() - t0}
+            curves.append(
+                {"size": size, **new_class_curve(arrays, cfg, args.new_class, args.shots)}
+            )
     out = Path(args.out)
+    if args.merge and out.exists():  # keep earlier runs' other variants/sizes
+        prev = json.loads(out.read_text())
+        mine = {(r["variant"], r["size"]) for r in results}
+        results = [
+            r for r in prev.get("results", []) if (r["variant"], r["size"]) not in mine
+        ] + results
+        done = {c["size"] for c in curves}
+        curves = [c for c in prev.get("edge_new_class", []) if c["size"] not in done] + curves
+    doc = {
+        "machine": machine(),
+        "data": args.data,
+        "args": vars(args),
+        "results": results,
+        "edge_new_class": curves,
+        "wall_seconds": time.time() - t0,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2, default=str))
-    md = [f"`python -m bench.qana_akida` ({time.strftime('%Y-%m-%d %H:%M')}), data "
-          f"`{Path(args.data).name}`, lesion-grouped test split, {args.epochs} float + "
-          f"{args.qat_epochs} QAT epochs max (early stopping on validation), width "
-          f"{args.width}, balance {args.balance}, class-weighted loss {args.class_weighted}. "
-          f"Machine: {doc['machine']['summary']}.", "",
-          table(results)]
+    md = [
+        f"`python -m bench.qana_akida` ({time.strftime('%Y-%m-%d %H:%M')}), data "
+        f"`{Path(args.data).name}`, lesion-grouped test split, {args.epochs} float + "
+        f"{args.qat_epochs} QAT epochs max (early stopping on validation), width "
+        f"{args.width}, balance {args.balance}, class-weighted loss {args.class_weighted}. "
+        f"Machine: {doc['machine']['summary']}.",
+        "",
+        table(results),
+    ]
     for c in curves:
-        md += ["", f"Edge learning at {c['size']} px: backbone trained without `{c['new_class']}`,"
-               f" on-chip head learned from local training data, then the new class from k shots "
-               f"(old-class balanced accuracy before: {c['old_balanced_accuracy_before']:.3f}).",
-               "", "| shots | new-class recall | old-class bal-acc |", "|---:|---:|---:|"]
-        md += [f"| {p['shots']} | {p['new_class_recall']:.3f} | {p['old_balanced_accuracy']:.3f} |"
-               for p in c["curve"]]
+        md += [
+            "",
+            f"Edge learning at {c['size']} px: backbone trained without `{c['new_class']}`,"
+            f" on-chip head learned from local training data, then the new class from k shots "
+            f"(old-class balanced accuracy before: {c['old_balanced_accuracy_before']:.3f}).",
+            "",
+            "| shots | new-class recall | old-class bal-acc |",
+            "|---:|---:|---:|",
+        ]
+        md += [
+            f"| {p['shots']} | {p['new_class_recall']:.3f} | {p['old_balanced_accuracy']:.3f} |"
+            for p in c["curve"]
+        ]
     for r in results:
         if "onchip_head" in r:
-            md += ["", f"On-chip head ({r['variant']}, {r['size']} px) learned from all local "
-                   f"training data: balanced accuracy {r['onchip_head']['balanced_accuracy']:.3f}"
-                   f" = {r['onchip_over_float_head_balacc']:.0%} of the trained head's "
-                   f"{r['akida']['balanced_accuracy']:.3f}."]
+            md += [
+                "",
+                f"On-chip head ({r['variant']}, {r['size']} px) learned from all local "
+                f"training data: balanced accuracy {r['onchip_head']['balanced_accuracy']:.3f}"
+                f" = {r['onchip_over_float_head_balacc']:.0%} of the trained head's "
+                f"{r['akida']['balanced_accuracy']:.3f}.",
+            ]
     update_section(HERE / "RESULTS.md", "QANA on Akida", "\n".join(md))
     print("\n".join(md))
 

@@ -24,6 +24,7 @@ log = get_logger("train")
 Progress = Callable[[str, int, int], None]
 
 BALANCE_METHODS = ("smote", "oversample", "none")
+LR_SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
@@ -46,6 +47,9 @@ class TrainConfig:
         Mini-batch size.
     lr : float (default: 1e-3)
         Adam learning rate of float training.
+    lr_schedule : str (default: "cosine")
+        "cosine" decays each stage's learning rate to zero over its epochs (per epoch);
+        "constant" keeps it fixed.
     qat_lr : float | None (default: None)
         Adam learning rate of QAT; None means ``lr / 10``.
     balance : str (default: "smote")
@@ -77,6 +81,7 @@ class TrainConfig:
     qat_epochs: int = 5
     batch_size: int = 32
     lr: float = 1e-3
+    lr_schedule: str = "cosine"
     qat_lr: float | None = None
     balance: str = "smote"
     class_weighted: bool = False
@@ -94,6 +99,11 @@ class TrainConfig:
             raise ConfigError(
                 f"balance={self.balance!r} is not a balancing method",
                 f"use one of {', '.join(BALANCE_METHODS)}",
+            )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                f"lr_schedule={self.lr_schedule!r} is not a learning-rate schedule",
+                f"use one of {', '.join(LR_SCHEDULES)}",
             )
         for name in ("epochs", "qat_epochs", "patience"):
             if getattr(self, name) < 0:
@@ -227,6 +237,13 @@ def predict_akida(ak_model: Any, images: np.ndarray, batch_size: int = 64) -> np
     return np.concatenate(out).argmax(axis=-1)
 
 
+def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
+    """Cosine decay from ``base_lr`` at epoch 0 towards 0 at ``epochs`` (never exactly 0)."""
+    import math
+
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / max(1, epochs)))
+
+
 def fit_selecting_on_val(
     model: Any,
     arrays: SplitArrays,
@@ -290,8 +307,15 @@ def fit_selecting_on_val(
             if progress is not None:
                 progress(stage, epoch + 1, epochs)
 
+    callbacks: list[Any] = [_SelectOnVal()]
+    if cfg.lr_schedule == "cosine" and epochs > 0:
+        base_lr = float(keras.backend.get_value(model.optimizer.learning_rate))
+        callbacks.insert(
+            0,
+            keras.callbacks.LearningRateScheduler(lambda epoch: cosine_lr(base_lr, epoch, epochs)),
+        )
     if epochs > 0:
-        model.fit(train, epochs=epochs, verbose=0, class_weight=weights, callbacks=[_SelectOnVal()])
+        model.fit(train, epochs=epochs, verbose=0, class_weight=weights, callbacks=callbacks)
         model.set_weights(best["weights"])
     return {
         "history": history,

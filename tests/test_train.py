@@ -120,6 +120,17 @@ def test_config_errors_echo_the_value():
         TrainConfig(balance="mixup")
     with pytest.raises(ConfigError, match="min_agreement=1.5"):
         TrainConfig(min_agreement=1.5)
+    with pytest.raises(ConfigError, match="lr_schedule='step'"):
+        TrainConfig(lr_schedule="step")
+
+
+def test_cosine_schedule_decays_from_base_to_near_zero():
+    from common.train import cosine_lr
+
+    lrs = [cosine_lr(1e-3, e, 10) for e in range(10)]
+    assert lrs[0] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert 0 < lrs[-1] < 0.05e-3
 
 
 def test_everything_dropped_by_quality_filter_is_a_clear_error(tmp_path):

@@ -53,6 +53,9 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 32,
     lr: Annotated[float, typer.Option(help="Float learning rate.")] = 1e-3,
     qat_lr: Annotated[float | None, typer.Option(help="QAT learning rate [lr/10].")] = None,
+    lr_schedule: Annotated[
+        str, typer.Option(help="Per-stage learning-rate schedule: cosine|constant.")
+    ] = "cosine",
     width: Annotated[float, typer.Option(help="Channel width multiplier.")] = 1.0,
     balance: Annotated[str, typer.Option(help="Train balancing: smote|oversample|none.")] = (
         "smote"
@@ -84,6 +87,7 @@ def train(
         batch_size=batch_size,
         lr=lr,
         qat_lr=qat_lr,
+        lr_schedule=lr_schedule,
         balance=balance,
         class_weighted=class_weighted,
         augment=augment,
