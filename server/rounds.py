@@ -92,6 +92,24 @@ class RoundResult:
     seconds: float = 0.0
 
 
+def reply_node(reply: Message, sent_to: Mapping[str, int]) -> int:
+    """Return the node a reply answers for: the destination of the message it replies to.
+
+    A site's own reply carries its node id as ``src_node_id``, but an error the SuperLink
+    makes up for a site ("node unavailable", "reply message unavailable") comes from the
+    SuperLink's node (1), so the node is looked up through ``reply_to_message_id``.
+
+    Parameters
+    ----------
+    reply : Message
+        A reply pulled from the grid.
+    sent_to : Mapping[str, int]
+        Message id → destination node id of the messages sent (ids set by the grid's push).
+    """
+    node = sent_to.get(reply.metadata.reply_to_message_id)
+    return reply.metadata.src_node_id if node is None else node
+
+
 def run_round(
     grid: Grid,
     contents: Mapping[int, RecordDict],
@@ -131,9 +149,10 @@ def run_round(
         for node_id, content in contents.items()
     ]
     received = grid.send_and_receive(messages, timeout=timeout)
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     result = RoundResult()
     for msg in received:
-        node = msg.metadata.src_node_id
+        node = reply_node(msg, sent_to)
         if msg.has_error():
             result.failures[node] = f"error reply: {msg.error.reason}"
         else:
