@@ -163,6 +163,51 @@ class EdgeConfig(_Section):
     new_class: str | None = Field(None, min_length=1)
 
 
+class PactConfig(_Section):
+    """PACT: a learnable clip α per bounded ReLU, trained in the float warm-up rounds.
+
+    α is an ordinary trainable weight (``<layer>/alpha``): sites train it and the server
+    averages it with the other weights. Before calibration every site and the server bake the
+    global α into ``ReLU(max_value=α)`` (:func:`common.pact.bake_pact`), so all quantize the same
+    model; the baked α then travels with the global arrays to build the quantized model.
+
+    Parameters
+    ----------
+    enabled : bool (default: False)
+        Replace the bounded ReLUs (all but the Akida 1.0 spike generator) by PACT layers.
+    alpha-init : float | None (default: None)
+        Initial α; None starts each at its ReLU's bound (6).
+    l2 : float (default: 1e-4)
+        L2 penalty on α, added to the local loss.
+    """
+
+    enabled: bool = False
+    alpha_init: float | None = Field(None, gt=0)
+    l2: float = Field(1e-4, ge=0)
+
+
+class SgtConfig(_Section):
+    """Saliency-guided training in the local epochs (:class:`common.sgt.SaliencyGuidedModel`).
+
+    Parameters
+    ----------
+    enabled : bool (default: False)
+        Train locally with cross-entropy + ``kl-weight`` · KL(p(x) ‖ p(masked x)).
+    mask-fraction : float (default: 0.1)
+        Fraction of lowest-saliency pixels masked per image, in (0, 1).
+    kl-weight : float (default: 1.0)
+        Weight of the KL term (>= 0).
+    in-qat : bool (default: True)
+        Also in the QAT rounds (quantized model, straight-through gradients); False: warm-up
+        rounds only (an SGT step costs about three plain steps).
+    """
+
+    enabled: bool = False
+    mask_fraction: float = Field(0.1, gt=0, lt=1)
+    kl_weight: float = Field(1.0, ge=0)
+    in_qat: bool = True
+
+
 class FedConfig(_Section):
     """A federated scenario: data, partition, model, phases, strategy, quorum and timeouts.
 
@@ -192,6 +237,13 @@ class FedConfig(_Section):
         Local class balancing of the training split (``none``, ``oversample``, ``smote``).
     augment : bool (default: False)
         Local training augmentation.
+    pact, sgt
+        PACT and saliency-guided local training, see :class:`PactConfig`, :class:`SgtConfig`.
+    explain-images : int (default: 4)
+        In the final round each site writes saliency overlays (vanilla gradients and
+        SmoothGrad, float and quantized global model) of this many of its own test images to
+        its local folder; only the float→quantized stability and the file names are reported.
+        0 turns it off.
     metrics-key : str | None (default: None)
         Coordinator public key (PEM) sites encrypt metrics to; simulations create one.
     seed : int (default: 0)
@@ -216,6 +268,9 @@ class FedConfig(_Section):
     balance: Literal["none", "oversample", "smote"] = "none"
     augment: bool = False
     edge: EdgeConfig = EdgeConfig()
+    pact: PactConfig = PactConfig()
+    sgt: SgtConfig = SgtConfig()
+    explain_images: int = Field(4, ge=0, le=64)
     metrics_key: str | None = None
     seed: int = 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,37 @@ def test_missing_file_and_non_mapping(tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_pact_and_sgt_sections_are_read_with_defaults():
+    # Execute
+    default = parse_config({"name": "x", "data": "d"})
+    cfg = parse_config({"name": "x", "data": "d", "explain-images": 0,
+                        "pact": {"enabled": True, "alpha-init": 4.0, "l2": 0.001},
+                        "sgt": {"enabled": True, "mask-fraction": 0.2, "kl-weight": 0.5,
+                                "in-qat": False}})
+
+    # Assert
+    assert not default.pact.enabled and not default.sgt.enabled
+    assert default.pact.alpha_init is None and default.pact.l2 == 1e-4
+    assert default.sgt.mask_fraction == 0.1 and default.sgt.kl_weight == 1.0
+    assert default.explain_images == 4
+    assert (cfg.pact.alpha_init, cfg.pact.l2) == (4.0, 0.001)
+    assert (cfg.sgt.mask_fraction, cfg.sgt.kl_weight, cfg.sgt.in_qat) == (0.2, 0.5, False)
+    assert cfg.dump()["sgt"]["mask-fraction"] == 0.2 and cfg.dump()["explain-images"] == 0
+
+
+@pytest.mark.parametrize(("section", "where", "received"), [
+    ({"pact": {"enabled": True, "alpha-init": 0}}, r"pact\.alpha-init", "0"),
+    ({"pact": {"l2": -1}}, r"pact\.l2", "-1"),
+    ({"sgt": {"mask-fraction": 1.5}}, r"sgt\.mask-fraction", "1.5"),
+    ({"sgt": {"kl-weight": -0.1}}, r"sgt\.kl-weight", "-0.1"),
+    ({"sgt": {"mask_fraction": 0.2}}, r"sgt\.mask_fraction", "0.2"),
+    ({"explain-images": -1}, r"explain-images", "-1"),
+])
+def test_bad_pact_sgt_and_explain_values_name_the_key_and_the_value(section, where, received):
+    with pytest.raises(ConfigError) as err:
+        parse_config({"name": "x", "data": "d", **section}, "s.yaml")
+    text = str(err.value)
+    assert re.search(where, text) and f"received {received}" in text, text
+    assert "kebab-case" in text  # the fix
