@@ -81,6 +81,16 @@ def variable_group(key: str, trainable: bool) -> str:
     return OTHER
 
 
+def is_statistic(key: str) -> bool:
+    """Tell, from its key alone, whether an exchanged array holds statistics, not trained weights.
+
+    BatchNormalization moving statistics and quantizer state (the ``bn-stats`` and
+    ``quantizer`` groups of :func:`variable_group`) are recognised by their leaf name. A server
+    optimizer must combine them by their averaging rule and never step them like weights.
+    """
+    return key.rsplit("/", 1)[-1] in _BN_SUFFIXES + _QUANTIZER_SUFFIXES
+
+
 def get_arrays(model, groups: Iterable[str]) -> dict[str, np.ndarray]:
     """Read the model's variables of the given groups as ``{key: array}``.
 
