@@ -12,6 +12,7 @@ for _var in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREAD
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from functools import lru_cache  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from flwr.app import Context, Message  # noqa: E402
@@ -54,6 +55,20 @@ def _site(context: Context, cfg: FedConfig) -> site.SiteData:
     return site.data_of(cfg, int(node["partition-id"]), str(site_id) if site_id else None)
 
 
+def site_out_dir(node: Any, config: Any, site_id: str) -> Path | None:
+    """Return the site's own output folder (saliency overlays, the kept float model), or None.
+
+    Node config ``out-dir`` (a deployed site kit) wins; a simulated node (node config
+    ``partition-id``) writes to ``<sim-sites-dir>/<site-id>`` (the simulation's ``OUT/sites``,
+    sent by the coordinator); a deployed node without ``out-dir`` has none.
+    """
+    if node.get("out-dir"):
+        return Path(str(node["out-dir"]))
+    if "partition-id" in node and config.get("sim-sites-dir"):
+        return Path(str(config["sim-sites-dir"])) / site_id
+    return None
+
+
 Phase = Callable[[FedConfig, Any, Any, Any], tuple]
 
 
@@ -69,7 +84,9 @@ def _handle(
         raise ConfigError("no coordinator metrics key for this site",
                           "set metrics-key in the scenario or metrics-public-key in node config")
     arrays = P.from_record(message.content[P.ARRAYS]) if P.ARRAYS in message.content else None
-    out_arrays, num_examples, metrics = work(cfg, data, arrays, config)
+    out_dir = site_out_dir(context.node_config, config, data.site_id)
+    out_arrays, num_examples, metrics = work(cfg, data, arrays, {**dict(config),
+                                                                 "site-out-dir": out_dir})
     from common.metrics_crypto import encrypt_report
 
     envelope = encrypt_report(
@@ -91,7 +108,8 @@ def _warmup(cfg: FedConfig, data: site.SiteData, arrays: Any, config: Any) -> tu
 
 
 def _calibrate(cfg: FedConfig, data: site.SiteData, arrays: Any, config: Any) -> tuple:
-    return site.calibrate(cfg, data, arrays, int(config["server-round"]))
+    return site.calibrate(cfg, data, arrays, int(config["server-round"]),
+                          out_dir=config.get("site-out-dir"))
 
 
 def _qat(cfg: FedConfig, data: site.SiteData, arrays: Any, config: Any) -> tuple:
@@ -101,7 +119,8 @@ def _qat(cfg: FedConfig, data: site.SiteData, arrays: Any, config: Any) -> tuple
 
 def _finalize(cfg: FedConfig, data: site.SiteData, arrays: Any, config: Any) -> tuple:
     n, metrics = site.finalize(cfg, data, arrays, int(config["server-round"]),
-                               str(config.get("server-hash", "")))
+                               str(config.get("server-hash", "")),
+                               out_dir=config.get("site-out-dir"))
     return None, n, metrics
 
 

@@ -69,16 +69,50 @@ def from_logits(model) -> bool:
     return getattr(last, "activation", None) is not keras.activations.softmax
 
 
-def compile_local(model) -> LocalModel:
+@dataclass(frozen=True)
+class SgtOptions:
+    """Saliency-guided training options of the local step (see :mod:`common.sgt`).
+
+    Parameters
+    ----------
+    mask_fraction : float (default: 0.1)
+        Fraction of lowest-saliency pixels masked per image.
+    kl_weight : float (default: 1.0)
+        Weight of KL(p(x) ‖ p(masked x)).
+    """
+
+    mask_fraction: float = 0.1
+    kl_weight: float = 1.0
+
+
+def compile_local(model, sgt: SgtOptions | None = None) -> LocalModel:
     """Wrap ``model`` with an Adam optimizer and a ``tf.function`` train step.
 
-    Loss: cross-entropy plus ``mu / 2 * ||w - w_anchor||²`` over the trainable weights
-    (FedProx; zero when ``mu`` is 0). The step is traced once per process, for any batch size.
+    Loss: cross-entropy (with ``sgt``: the saliency-guided loss of
+    :meth:`common.sgt.SaliencyGuidedModel.sgt_losses`, cross-entropy + KL on masked inputs),
+    plus the model's own losses (e.g. PACT's α penalty), plus ``mu / 2 * ||w - w_anchor||²``
+    over the trainable weights (FedProx; zero when ``mu`` is 0). The step returns the
+    cross-entropy and is traced once per process, for any batch size.
+
+    Raises
+    ------
+    ModelError
+        With ``sgt``, if the model ends with a softmax (SGT needs logits).
     """
     import tensorflow as tf
     import tf_keras as keras
 
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits(model))
+    logits_out = from_logits(model)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=logits_out)
+    guided = None
+    if sgt is not None:
+        from .errors import ModelError
+        from .sgt import SaliencyGuidedModel
+
+        if not logits_out:
+            raise ModelError(f"model {model.name!r} ends with a softmax; SGT needs logits",
+                             "build the model without a final softmax, or disable sgt")
+        guided = SaliencyGuidedModel(model, sgt.mask_fraction, sgt.kl_weight)
     weights = model.trainable_weights
     optimizer = keras.optimizers.Adam(learning_rate=1e-3)
     optimizer.build(weights)
@@ -90,10 +124,15 @@ def compile_local(model) -> LocalModel:
                                   tf.TensorSpec((None,), tf.int32)])
     def step(x, y):
         with tf.GradientTape() as tape:
-            loss = loss_fn(y, model(x, training=True))
+            if guided is not None:
+                losses = guided.sgt_losses(x, y, training=True)  # includes model.losses
+                loss, total = losses["ce"], losses["loss"]
+            else:
+                loss = loss_fn(y, model(x, training=True))
+                total = loss + tf.add_n(model.losses) if model.losses else loss
             prox = tf.add_n([tf.reduce_sum(tf.square(w - a))
                              for w, a in zip(weights, anchors, strict=True)])
-            total = loss + (mu / 2.0) * prox
+            total = total + (mu / 2.0) * prox
         grads = tape.gradient(total, weights)
         optimizer.apply_gradients(zip(grads, weights, strict=True))
         return loss
@@ -105,27 +144,51 @@ class ModelCache:
     """One :class:`LocalModel` per kind (``float``, ``quantized``) for the current scenario.
 
     A different scenario key (variant, size, width, classes ...) drops every cached model and
-    clears the Keras session first, so a process never holds models of two scenarios.
+    clears the Keras session first, so a process never holds models of two scenarios. A
+    different ``tag`` of one kind (e.g. the baked PACT α of the quantized model) rebuilds that
+    kind only.
     """
 
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.models: dict[str, LocalModel] = {}
+        self.tags: dict[str, Any] = {}
 
-    def get(self, key: tuple, kind: str, build: Callable[[], Any]) -> LocalModel:
-        """Return the cached model of ``kind`` for ``key``, building it with ``build()`` once."""
+    def get(
+        self, key: tuple, kind: str, build: Callable[[], Any], *, tag: Any = None,
+        sgt: SgtOptions | None = None,
+    ) -> LocalModel:
+        """Return the cached model of ``kind`` for ``key`` and ``tag``, built with ``build()``.
+
+        Parameters
+        ----------
+        key : tuple
+            Scenario key; a new one clears the cache.
+        kind : str
+            ``float`` or ``quantized``.
+        build : Callable[[], Any]
+            Returns the uncompiled model.
+        tag : Any (default: None)
+            Anything else the model's structure depends on; a new tag rebuilds this kind.
+        sgt : SgtOptions | None (default: None)
+            Compile a saliency-guided step (part of the tag).
+        """
         if key != self.key:
             self.clear()
             self.key = key
-        if kind not in self.models:
+        tag = (tag, sgt)
+        if kind not in self.models or self.tags.get(kind) != tag:
             log.info("building the %s model of this process", kind)
-            self.models[kind] = compile_local(build())
+            self.models.pop(kind, None)
+            self.models[kind] = compile_local(build(), sgt)
+            self.tags[kind] = tag
         return self.models[kind]
 
     def clear(self) -> None:
         """Forget every cached model and free Keras' global state."""
         import tf_keras as keras
 
+        self.tags.clear()
         if self.models:
             self.models.clear()
             keras.backend.clear_session()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -175,12 +176,66 @@ def federated_part(
 
 
 # -- models ---------------------------------------------------------------------------------------
+#: Suffix of a PACT clip's array key (``<layer>/alpha``, a trainable weight of the float model).
+PACT_KEY = "/alpha"
+
+
+def split_pact(arrays: dict[str, np.ndarray]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Split global arrays into the PACT clips ``{layer: α}`` and the other arrays.
+
+    After calibration the global arrays keep the baked α next to the quantized model's
+    variables: the quantized model's ReLU bounds are part of its structure, not variables, so
+    whoever rebuilds it (a fresh site process, the server after a resume) needs them.
+    """
+    alphas = {k[: -len(PACT_KEY)]: float(np.asarray(v)) for k, v in arrays.items()
+              if k.endswith(PACT_KEY)}
+    rest = {k: v for k, v in arrays.items() if not k.endswith(PACT_KEY)}
+    return alphas, rest
+
+
+def pact_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Return only the PACT clips of ``arrays`` (``<layer>/alpha`` keys), as arrays."""
+    return {k: v for k, v in arrays.items() if k.endswith(PACT_KEY)}
+
+
 def build_float_model(cfg: FedConfig, num_classes: int):
-    """Build the scenario's float model (fresh weights)."""
+    """Build the scenario's float model (fresh weights; PACT clips when ``pact.enabled``).
+
+    Raises
+    ------
+    ConfigError
+        If ``pact.enabled`` but the variant has no bounded ReLU to make learnable.
+    """
     from .models import create_model
 
-    return create_model(cfg.model.variant, input_size=cfg.model.size, num_classes=num_classes,
-                        width=cfg.model.width, depth=cfg.model.depth, seed=cfg.seed)
+    model = create_model(cfg.model.variant, input_size=cfg.model.size, num_classes=num_classes,
+                         width=cfg.model.width, depth=cfg.model.depth, seed=cfg.seed)
+    if not cfg.pact.enabled:
+        return model
+    from .pact import apply_pact, pact_alphas
+
+    model = apply_pact(model, cfg.pact.alpha_init, cfg.pact.l2)
+    if not pact_alphas(model):
+        raise ConfigError(
+            f"pact.enabled is true but variant {cfg.model.variant!r} has no bounded ReLU to "
+            "give a learnable clip",
+            "set pact.enabled: false for this variant (PACT applies to qana-akd1000's ReLUs)",
+        )
+    return model
+
+
+def _baked(cfg: FedConfig, model, alphas: dict[str, float] | None = None):
+    """Return the float model quantizeml takes: PACT clips baked into ``ReLU(max_value=α)``.
+
+    ``alphas`` (``{layer: α}``) are set first when given; without PACT ``model`` is returned.
+    """
+    if not cfg.pact.enabled:
+        return model
+    from .pact import bake_pact
+
+    if alphas:
+        set_arrays(model, {f"{k}{PACT_KEY}": np.float32(v) for k, v in alphas.items()})
+    return bake_pact(model)
 
 
 def _quantize(cfg: FedConfig, model, samples: np.ndarray):
@@ -195,9 +250,15 @@ def _structure_samples(cfg: FedConfig) -> np.ndarray:
     return rng.uniform(0, 255, (4, cfg.model.size, cfg.model.size, 3)).astype(np.float32)
 
 
-def build_quantized_model(cfg: FedConfig, num_classes: int):
-    """Build the scenario's quantized model structure (every variable is set from arrays later)."""
-    return _quantize(cfg, build_float_model(cfg, num_classes), _structure_samples(cfg))
+def build_quantized_model(
+    cfg: FedConfig, num_classes: int, alphas: dict[str, float] | None = None
+):
+    """Build the scenario's quantized model structure (every variable is set from arrays later).
+
+    With PACT the ReLU bounds are the baked ``alphas`` (``{layer: α}``, see :func:`split_pact`).
+    """
+    return _quantize(cfg, _baked(cfg, build_float_model(cfg, num_classes), alphas),
+                     _structure_samples(cfg))
 
 
 def float_model_from(cfg: FedConfig, num_classes: int, arrays: dict[str, np.ndarray]):
@@ -209,18 +270,23 @@ def float_model_from(cfg: FedConfig, num_classes: int, arrays: dict[str, np.ndar
 
 def quantized_model_from(cfg: FedConfig, num_classes: int, arrays: dict[str, np.ndarray]):
     """Rebuild the global quantized model exactly from its arrays (weights and quantizer state)."""
-    qmodel = build_quantized_model(cfg, num_classes)
-    set_arrays(qmodel, arrays)
+    alphas, rest = split_pact(arrays)
+    qmodel = build_quantized_model(cfg, num_classes, alphas)
+    set_arrays(qmodel, rest)
     return qmodel
 
 
 def quantized_from_ranges(
     cfg: FedConfig, num_classes: int, float_arrays: dict[str, np.ndarray], ranges: dict
 ):
-    """Server side of calibration: quantize the global float model and set the combined ranges."""
+    """Server side of calibration: quantize the global float model and set the combined ranges.
+
+    With PACT the global α (part of ``float_arrays``) is baked into the ReLU bounds first, as
+    every site does before calibrating.
+    """
     from .aggregate import apply_ranges
 
-    qmodel = _quantize(cfg, float_model_from(cfg, num_classes, float_arrays),
+    qmodel = _quantize(cfg, _baked(cfg, float_model_from(cfg, num_classes, float_arrays)),
                        _structure_samples(cfg))
     apply_ranges(qmodel, ranges)
     return qmodel
@@ -259,13 +325,37 @@ def akida_from_arrays(cfg: FedConfig, num_classes: int, arrays: dict[str, np.nda
 
 def _model_key(cfg: FedConfig, num_classes: int) -> tuple:
     m = cfg.model
-    return (m.variant, m.size, m.width, m.depth, cfg.seed, num_classes)
+    p = cfg.pact
+    return (m.variant, m.size, m.width, m.depth, cfg.seed, num_classes,
+            p.enabled, p.alpha_init, p.l2)
 
 
-def local_model(cfg: FedConfig, num_classes: int, kind: str) -> LocalModel:
-    """Return this process's cached float or quantized model (built, traced once per scenario)."""
-    build = build_float_model if kind == FLOAT else build_quantized_model
-    return CACHE.get(_model_key(cfg, num_classes), kind, lambda: build(cfg, num_classes))
+def _sgt_options(cfg: FedConfig, kind: str):
+    from .local_training import SgtOptions
+
+    s = cfg.sgt
+    if not s.enabled or (kind == QUANTIZED and not s.in_qat):
+        return None
+    return SgtOptions(s.mask_fraction, s.kl_weight)
+
+
+def local_model(
+    cfg: FedConfig, num_classes: int, kind: str, alphas: dict[str, float] | None = None
+) -> LocalModel:
+    """Return this process's cached float or quantized model (built, traced once per scenario).
+
+    ``alphas`` (``{layer: α}``, quantized kind with PACT) are the baked ReLU bounds the
+    quantized model is built with; a model cached with other bounds is rebuilt.
+    """
+    tag = tuple(sorted(alphas.items())) if (kind == QUANTIZED and alphas) else None
+    if kind == FLOAT:
+        def build():
+            return build_float_model(cfg, num_classes)
+    else:
+        def build():
+            return build_quantized_model(cfg, num_classes, alphas)
+    return CACHE.get(_model_key(cfg, num_classes), kind, build, tag=tag,
+                     sgt=_sgt_options(cfg, kind))
 
 
 # -- training and evaluation ----------------------------------------------------------------------
@@ -366,7 +456,10 @@ def _round(
 ) -> tuple[dict[str, np.ndarray], int, dict[str, Any]]:
     seed = site_seed(cfg.seed, step, data.site_id)
     _seed_everything(seed)
-    local = local_model(cfg, len(data.class_names), kind)
+    alphas = None
+    if kind == QUANTIZED:  # the baked PACT bounds shape the quantized model; not exchanged
+        alphas, arrays = split_pact(arrays)
+    local = local_model(cfg, len(data.class_names), kind, alphas)
     local.start_round(arrays, lr, mu)
     train = train_local(local, data, cfg, lr=lr, epochs=epochs, seed=seed, proximal_mu=mu)
     x_test, y_test = federated_part(cfg, data, "test")
@@ -386,9 +479,16 @@ def warmup(
 
 
 def calibrate(
-    cfg: FedConfig, data: SiteData, arrays: dict[str, np.ndarray], step: int
+    cfg: FedConfig, data: SiteData, arrays: dict[str, np.ndarray], step: int,
+    out_dir: Path | None = None,
 ) -> tuple[dict[str, np.ndarray], int, dict[str, Any]]:
-    """Calibrate the global float model's quantizers on local (federated-class) training images."""
+    """Calibrate the global float model's quantizers on local (federated-class) training images.
+
+    With PACT the global α is baked into the ReLU bounds first (the server does the same), so
+    every site calibrates the same model. With ``out_dir`` (the site's own output folder) and
+    ``explain-images > 0`` the global float arrays are kept there for the final round's
+    saliency overlays (:func:`explain_locally`); they never leave the site's disk.
+    """
     seed = site_seed(cfg.seed, step, data.site_id)
     _seed_everything(seed)
     x, _ = federated_part(cfg, data, "train")
@@ -401,10 +501,14 @@ def calibrate(
     num_classes = len(data.class_names)
     local = local_model(cfg, num_classes, FLOAT)
     set_arrays(local.model, arrays)
-    qmodel = _quantize(cfg, local.model, x[idx])
+    if out_dir is not None and cfg.explain_images > 0:
+        _save_float_arrays(Path(out_dir), arrays)
+    qmodel = _quantize(cfg, _baked(cfg, local.model), x[idx])
     state = get_arrays(qmodel, EXCHANGED["calibrate"])
     # Keep it as this process's quantized model: QAT rounds overwrite all its variables.
-    CACHE.get(_model_key(cfg, num_classes), QUANTIZED, lambda: qmodel)
+    alphas, _ = split_pact(arrays)
+    CACHE.get(_model_key(cfg, num_classes), QUANTIZED, lambda: qmodel,
+              tag=tuple(sorted(alphas.items())) or None, sgt=_sgt_options(cfg, QUANTIZED))
     return state, n, {"calibration_examples": int(n), "quantizers": len(state)}
 
 
@@ -417,13 +521,16 @@ def qat(
 
 
 def finalize(
-    cfg: FedConfig, data: SiteData, arrays: dict[str, np.ndarray], step: int, server_hash: str
+    cfg: FedConfig, data: SiteData, arrays: dict[str, np.ndarray], step: int, server_hash: str,
+    out_dir: Path | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """Convert the global model to Akida, check it, evaluate, learn on-chip, evaluate again.
 
     Every score here is on all the site's test images (the rounds score the federated
     classes only); with ``edge.new-class`` a ``new_class`` block splits them into old and
-    new classes, before and after on-chip learning.
+    new classes, before and after on-chip learning. With ``explain-images > 0`` a
+    ``saliency`` block reports the overlays written to ``out_dir/saliency`` (see
+    :func:`explain_locally`).
     """
     from .metrics import classification_metrics
 
@@ -435,7 +542,8 @@ def finalize(
         set_arrays(local.model, arrays)
         return len(data.y_train), {"test": evaluate(local.model, data.x_test, data.y_test,
                                                     names)}
-    local = local_model(cfg, len(names), QUANTIZED)
+    alphas, arrays = split_pact(arrays)
+    local = local_model(cfg, len(names), QUANTIZED, alphas)
     set_arrays(local.model, arrays)
     akida_model, digest = convert(cfg, local.model)
     logits = predict_logits(local.model, data.x_test)  # after convert: it may rescale in place
@@ -450,9 +558,82 @@ def finalize(
         "akida_agreement": float(np.mean(pred == logits.argmax(axis=-1))),
         "akida_after_edge": None,
     }
+    if cfg.explain_images > 0:
+        report["saliency"] = explain_locally(cfg, data, local.model, out_dir, seed)
     if cfg.model.variant == "qana-akd1000":
         report.update(_edge_report(cfg, data, akida_model, pred, seed))
     return len(data.y_train), report
+
+
+# -- on-site saliency -----------------------------------------------------------------------------
+#: File in the site's own output folder holding the global float model it calibrated.
+FLOAT_ARRAYS_FILE = "global-float-arrays.npz"
+#: Sub-folder of the site's output folder with the overlays.
+SALIENCY_DIR = "saliency"
+
+
+def _save_float_arrays(out_dir: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """Keep the global float arrays on the site's disk (atomically: temporary file, rename)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / FLOAT_ARRAYS_FILE
+    tmp = out_dir / f".{FLOAT_ARRAYS_FILE}.tmp.npz"
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    return path
+
+
+def explain_locally(
+    cfg: FedConfig, data: SiteData, qmodel, out_dir: Path | None, seed: int
+) -> dict[str, Any]:
+    """Write saliency overlays of a few of the site's own test images; return what is reported.
+
+    Vanilla gradients and SmoothGrad (:func:`common.saliency.explain`) of the float global
+    model calibrated in this federation (the float model the quantized one was made from,
+    kept by :func:`calibrate`) and of the final quantized global model ``qmodel``, on the
+    first ``explain-images`` test images of a seeded shuffle, named ``test-000`` ... (their
+    index in the site's test split; no image id or label leaves the site). The PNGs and a
+    ``summary.json`` with per-image predictions stay in ``out_dir/saliency``.
+
+    Returns
+    -------
+    dict[str, Any]
+        ``{"images", "files", "stability"}`` — file names relative to ``out_dir`` and the
+        float→quantized stability per method (Spearman and top-10 % overlap, mean/median) —
+        or ``{"error": reason}`` when the overlays could not be made (no output folder, no
+        kept float model, float variant, no test image).
+    """
+    from .errors import QanafedError
+
+    if cfg.model.variant == "qana-float":
+        return {"error": "the float reference variant has no quantized model to compare"}
+    if out_dir is None:
+        log.warning("site %s: no output folder (node config out-dir): saliency skipped",
+                    data.site_id)
+        return {"error": "the site has no output folder (node config out-dir)"}
+    out_dir = Path(out_dir)
+    kept = out_dir / FLOAT_ARRAYS_FILE
+    if not kept.is_file() or len(data.y_test) == 0:
+        why = f"no {FLOAT_ARRAYS_FILE} kept at calibration" if not kept.is_file() else \
+            "the site has no test image"
+        log.warning("site %s: saliency skipped: %s", data.site_id, why)
+        return {"error": why}
+    try:
+        from .saliency import explain
+
+        with np.load(kept) as npz:
+            float_model = float_model_from(cfg, len(data.class_names),
+                                           {k: npz[k] for k in npz.files})
+        rng = np.random.default_rng(seed)
+        idx = np.sort(rng.permutation(len(data.y_test))[: cfg.explain_images])
+        summary = explain(float_model, qmodel, data.x_test[idx],
+                          [f"test-{i:03d}" for i in idx], out_dir / SALIENCY_DIR,
+                          class_names=data.class_names, labels=data.y_test[idx], seed=seed)
+    except QanafedError as err:
+        log.warning("site %s: saliency skipped: %s", data.site_id, err.problem)
+        return {"error": err.problem}
+    files = sorted(str(p.relative_to(out_dir)) for p in (out_dir / SALIENCY_DIR).rglob("*.png"))
+    return {"images": int(summary["n_images"]), "files": files,
+            "stability": summary["stability"]}
 
 
 def _edge_report(

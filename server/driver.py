@@ -18,6 +18,7 @@ from common.checkpoint import Checkpoint, load_latest, save_checkpoint
 from common.errors import SecurityError
 from common.fedconfig import FedConfig
 from common.log import get_logger
+from common.site import pact_arrays
 
 from . import protocol as P
 from .global_model import GlobalModel
@@ -140,6 +141,7 @@ class FederatedRun:
         self.strategy = make_strategy(cfg.strategy)
         self.sites: dict[int, str] = {}
         self.ckpt_dir = self.out_dir / "checkpoints"
+        self._quantized_here = False  # whether self.model built the quantized model
         self.progress_file = self.out_dir / "progress.jsonl"
 
     # -- bookkeeping -----------------------------------------------------------------------------
@@ -205,6 +207,9 @@ class FederatedRun:
             "lr": float(lr),
             "local-epochs": int(epochs),
             "proximal-mu": float(getattr(self.strategy, "proximal_mu", 0.0)),
+            # Simulated sites keep their own files (overlays) under OUT/sites/<site-id>;
+            # deployed sites use their node config out-dir and ignore this.
+            "sim-sites-dir": str((self.out_dir / "sites").resolve()),
         }
 
     def _open_reports(
@@ -280,6 +285,17 @@ class FederatedRun:
         self._event(event="done", run_id=state["run-id"])
         return state
 
+    def _finalize_arrays(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Return the arrays the server model converts from.
+
+        A model that quantized in this process converts the quantized model it built (whose
+        ReLU bounds are already the baked PACT clips), by variable: it gets the arrays without
+        the clips. After a resume it rebuilds the quantized model from the arrays, clips
+        included (:func:`common.site.quantized_model_from`).
+        """
+        return {k: v for k, v in arrays.items() if k not in pact_arrays(arrays)} \
+            if self._quantized_here else arrays
+
     def _round(
         self, step: Step, nodes: list[int], arrays: dict[str, np.ndarray], state: dict[str, Any]
     ) -> dict[str, np.ndarray]:
@@ -289,7 +305,7 @@ class FederatedRun:
         config = self._config(state, step.number, step.phase)
         server_hash = None
         if step.phase == "finalize":
-            server_hash = self.model.finalize(arrays, self.out_dir)
+            server_hash = self.model.finalize(self._finalize_arrays(arrays), self.out_dir)
             config["server-hash"] = server_hash or ""
         contents = {n: P.request_content(arrays, config) for n in nodes}
         sent = sum(P.record_nbytes(c) for c in contents.values())
@@ -302,7 +318,9 @@ class FederatedRun:
             arrays = {**arrays, **aggregate(self.strategy, step.number, replies, arrays)}
         elif step.phase == "calibrate":
             ranges = combine_ranges([P.from_record(m.content[P.ARRAYS]) for m in replies])
-            arrays = self.model.quantize(arrays, ranges)
+            # The baked PACT clips stay in the global arrays: they shape the quantized model.
+            arrays = {**pact_arrays(arrays), **self.model.quantize(arrays, ranges)}
+            self._quantized_here = True
             reset_strategy_state(self.strategy)
         reports = self._open_reports(result, state, step.number)
         if server_hash is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,39 @@ def global_summary(reports: Mapping[str, Mapping[str, Any]]) -> dict[str, float 
     return out
 
 
+#: Where a simulated site's own files are, relative to the report (``OUT/sites/<site-id>``).
+SITES_DIR = "sites"
+#: An overlay file name a site may report: ``saliency/<method>/<image>_<float|quantized>.png``.
+_OVERLAY = re.compile(r"^saliency/([a-z]+)/([A-Za-z0-9._-]+)_(float|quantized)\.png$")
+
+
+def saliency_summary(final: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Per-site saliency of the final round: image count, stability, overlay paths.
+
+    Paths are relative to the report (``sites/<site-id>/saliency/...``): where a simulation
+    writes them; a deployed site keeps them in its own output folder under the same relative
+    names. Names not of the form a site writes are dropped (a report never links elsewhere).
+
+    Returns
+    -------
+    dict[str, Any]
+        Site id → ``{"images", "stability", "files"}`` or ``{"error"}``.
+    """
+    out: dict[str, Any] = {}
+    for site, m in sorted(((final or {}).get("sites") or {}).items()):
+        sal = m.get("saliency") if isinstance(m, Mapping) else None
+        if not isinstance(sal, Mapping):
+            continue
+        if "error" in sal:
+            out[site] = {"error": str(sal["error"])}
+            continue
+        files = [f"{SITES_DIR}/{site}/{f}" for f in sal.get("files") or []
+                 if isinstance(f, str) and _OVERLAY.match(f)]
+        out[site] = {"images": sal.get("images"), "stability": sal.get("stability") or {},
+                     "files": files}
+    return out
+
+
 def build_report(state: Mapping[str, Any], wall_seconds: float | None = None) -> dict[str, Any]:
     """Build the JSON report of a run from the driver's state (no keys, no per-image data)."""
     final = next((r for r in reversed(state.get("rounds", [])) if r["phase"] == "finalize"), None)
@@ -60,6 +94,7 @@ def build_report(state: Mapping[str, Any], wall_seconds: float | None = None) ->
         "final": final,
         "phase_seconds": state.get("phase-seconds", {}),
         "wall_seconds": wall_seconds,
+        "saliency": saliency_summary(final),
     }
 
 
@@ -138,7 +173,46 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                              f" | {part('after', 'new', 'accuracy')} | "
                              f"{part('before', 'old', 'balanced_accuracy')} | "
                              f"{part('after', 'old', 'balanced_accuracy')} |")
+    lines += _saliency_markdown(report.get("saliency") or {})
     return "\n".join(lines) + "\n"
+
+
+def _saliency_markdown(saliency: Mapping[str, Any]) -> list[str]:
+    """Render the per-site "Saliency" sections: stability table and overlay links."""
+    if not saliency:
+        return []
+    lines = ["", "## Saliency", "",
+             "Computed on each site from a few of its own test images, for the float global "
+             "model (before QAT) and the final quantized global model; the overlays never left "
+             "the site (links: where a simulation writes them). Stability = agreement of the "
+             "float and quantized maps (Spearman rank correlation, top-10 % pixel overlap; "
+             "1 = identical)."]
+    for site, sal in sorted(saliency.items()):
+        lines += ["", f"### Saliency: {site}", ""]
+        if "error" in sal:
+            lines.append(f"skipped: {sal['error']}")
+            continue
+        lines += [f"{sal.get('images')} images.", "",
+                  "| method | Spearman mean | Spearman median | top-k overlap mean | median |",
+                  "|---|---|---|---|---|"]
+        for method, st in sorted((sal.get("stability") or {}).items()):
+            rho, top = st.get("spearman") or {}, st.get("top_k_overlap") or {}
+            lines.append(f"| {method} | {_fmt(rho.get('mean'))} | {_fmt(rho.get('median'))} | "
+                         f"{_fmt(top.get('mean'))} | {_fmt(top.get('median'))} |")
+        table: dict[str, dict[str, str]] = {}
+        for path in sal.get("files") or []:
+            match = _OVERLAY.match(path.split("/", 2)[-1])
+            if match:
+                method, image, kind = match.groups()
+                table.setdefault(image, {})[f"{method} {kind}"] = path
+        columns = sorted({c for row in table.values() for c in row})
+        if table:
+            lines += ["", "| image | " + " | ".join(columns) + " |",
+                      "|---|" + "---|" * len(columns)]
+            for image, row in sorted(table.items()):
+                cells = [f"[png]({row[c]})" if c in row else "–" for c in columns]
+                lines.append(f"| {image} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_report(out_dir: str | Path, report: Mapping[str, Any]) -> tuple[Path, Path]:
