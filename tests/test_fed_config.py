@@ -13,7 +13,7 @@ from common.fedconfig import FedConfig, load_config, parse_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "ham10000-natural.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "demo-interpretable.yaml", "ham10000-natural.yaml"])
 def test_shipped_scenarios_are_valid(name):
     # Execute
     cfg = load_config(ROOT / "simulations" / name, {"data": "synthetic:n=60"})
