@@ -43,11 +43,15 @@ __all__ = [
 
 log = get_logger("deploy.site")
 
-#: ``subprocess``: flwr's default, a fresh ``flwr-clientapp`` (and TensorFlow import) per
-#: message. ``warm``: ``flower-supernode --isolation process`` plus one long-lived qanafed
-#: executor that imported TensorFlow once and forks a ClientApp per message.
-ISOLATIONS = ("subprocess", "warm")
-Isolation = Literal["subprocess", "warm"]
+#: How a site runs its ClientApp (see deploy/README.md for the measurements behind the default):
+#: ``warm`` (default): ``flower-supernode --isolation process`` plus one long-lived qanafed
+#: executor that imported TensorFlow once and runs every message in-process, keeping the site's
+#: data and compiled models cached between messages. ``warm-fork``: the same executor, but it
+#: forks itself per message (imports shared, data and model rebuilt). ``subprocess``: flwr's
+#: default, a fresh ``flwr-clientapp`` process (and TensorFlow import) per message.
+ISOLATIONS = ("warm", "warm-fork", "subprocess")
+Isolation = Literal["warm", "warm-fork", "subprocess"]
+_EXECUTOR_MODE = {"warm": "inprocess", "warm-fork": "fork"}
 RUNTIME_HOST = "127.0.0.1"
 
 
@@ -119,8 +123,8 @@ def supernode_argv(kit: SiteKit, isolation: Isolation = "subprocess") -> list[st
     kit : SiteKit
         The validated kit.
     isolation : str (default: "subprocess")
-        ``subprocess`` (flwr starts a ClientApp process per message) or ``warm`` (an external
-        long-lived executor, see :mod:`deploy.warm_exec`).
+        ``subprocess`` (flwr starts a ClientApp process per message), or ``warm`` /
+        ``warm-fork`` (an external long-lived executor, see :mod:`deploy.warm_exec`).
     """
     return [
         _bin("flower-supernode"),
@@ -130,18 +134,19 @@ def supernode_argv(kit: SiteKit, isolation: Isolation = "subprocess") -> list[st
         "--node-config", _node_config(kit),
         "--host", RUNTIME_HOST,
         "--port", str(kit.config.runtime_port),
-        "--isolation", "process" if isolation == "warm" else "subprocess",
+        "--isolation", "subprocess" if isolation == "subprocess" else "process",
     ]
 
 
 def _children(kit: SiteKit, isolation: Isolation, paths: SitePaths) -> list[Child]:
     env = child_env(paths.flwr_home)
     children = [Child("supernode", supernode_argv(kit, isolation), env)]
-    if isolation == "warm":
+    if isolation in _EXECUTOR_MODE:
         runtime = f"{RUNTIME_HOST}:{kit.config.runtime_port}"
         children.append(Child(
             "clientapp-executor",
-            [sys.executable, "-m", "deploy.warm_exec", "--runtime-api-address", runtime],
+            [sys.executable, "-m", "deploy.warm_exec", "--runtime-api-address", runtime,
+             "--mode", _EXECUTOR_MODE[isolation]],
             env,
         ))
     return children
@@ -163,7 +168,8 @@ def start_site(
         Run the supervisor in this process until SIGTERM (systemd, ``start.sh``); otherwise
         start it detached and return.
     isolation : str (default: "warm")
-        See :data:`ISOLATIONS`; ``warm`` saves the TensorFlow import per message.
+        See :data:`ISOLATIONS`; ``warm`` saves the TensorFlow import, the data loading and the
+        model build per message.
     policy : RestartPolicy | None (default: None)
         Restart policy (default :class:`RestartPolicy`).
 

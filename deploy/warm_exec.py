@@ -1,44 +1,190 @@
-"""A long-lived ClientApp executor: import TensorFlow once, fork one ClientApp per message.
+"""A long-lived ClientApp executor: import TensorFlow once, then run every message in-process.
 
 By default ``flower-supernode`` starts ``flower-superexec``, which starts a fresh
-``flwr-clientapp`` process for every message; each re-imports TensorFlow and the QANA code
-(10-14 s on a busy 2-core machine). With ``flower-supernode --isolation process`` flwr
-leaves that to an external executor: this one runs flwr's own SuperExec loop
-(``run_superexec``) after importing the ClientApp once, with an executor that *forks* this warm
-process for each task instead of starting a new interpreter. The child runs flwr's
-``run_clientapp`` (same Runtime API protocol, same token) and exits, so state never leaks
-between messages; only the imported modules are shared (copy-on-write).
+``flwr-clientapp`` process for every message; each re-imports TensorFlow and the QANA code,
+reloads the site's data and rebuilds and retraces its model. With ``flower-supernode
+--isolation process`` flwr leaves that to an external executor: this one imports the ClientApp
+once and runs flwr's own SuperExec loop (``run_superexec``) with one of two executors:
 
-Run as ``python -m deploy.warm_exec --runtime-api-address 127.0.0.1:PORT`` (``qanafed site
-start --isolation warm`` does it).
+* :class:`InProcessExecutor` (``--mode inprocess``, ``qanafed site start --isolation warm``)
+  runs each task *in this process*, one after another, with flwr's ``run_clientapp`` (same
+  Runtime API protocol, same token). Data and compiled models stay cached between messages
+  (``common.site``, ``common.local_training``), as in the Simulation Engine's long-lived actors.
+  ``run_clientapp`` ends every task with ``flwr_exit`` (which exits the process and arms a
+  force-exit timer) and installs SIGINT/SIGTERM handlers; here both are replaced, for the
+  task's duration, by versions that run the task's exit handlers and return, so neither a task
+  nor its end can stop the loop. A task that raises is reported failed to the SuperNode and the
+  executor goes on. When the process outgrows ``--max-rss-mb`` after a task, it re-executes
+  itself between tasks (same pid, fresh interpreter), so memory cannot grow without bound.
+* :class:`ForkExecutor` (``--mode fork``, ``--isolation warm-fork``) forks this warm process for
+  each task; the child runs ``run_clientapp`` and exits, so nothing survives a message except
+  the imported modules (the data and model are rebuilt every time).
+
+Run as ``python -m deploy.warm_exec --runtime-api-address 127.0.0.1:PORT [--mode ...]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import resource
 import signal
+import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 from common.log import get_logger
 
+__all__ = ["MODES", "ForkExecutor", "InProcessExecutor", "main", "rss_mb", "warm_up"]
+
 log = get_logger("deploy.warm_exec")
 
+MODES = ("inprocess", "fork")
+#: Default ``--max-rss-mb``: re-execute the in-process executor above this resident size.
+DEFAULT_MAX_RSS_MB = 3072.0
 
-class ForkExecutor:
+
+def rss_mb() -> float:
+    """Resident set size of this process now, in MB (``/proc/self/statm``)."""
+    with open("/proc/self/statm", encoding="ascii") as fh:
+        pages = int(fh.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+class _ExecutorBase:
+    """What both executors share: accept ClientApp tasks only, no capacity gate."""
+
+    def get_eligible_capacity(self, supported_task_types, *, insecure=False,
+                              root_certificates_path=None):
+        """Offer only ClientApp tasks (this process imported the ClientApp, nothing else)."""
+        from flwr.supercore.constant import TaskType
+
+        return {t for t in supported_task_types if t == TaskType.CLIENT_APP}, set()
+
+    def wait_for_capacity(self, task_type=None, *, fab_hash=None, insecure=False,
+                          root_certificates_path=None) -> None:
+        """Return at once: there is no capacity gate."""
+
+
+class _TaskEnded(Exception):
+    """Raised in place of ``flwr_exit`` at the end of an in-process ``run_clientapp``."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class InProcessExecutor(_ExecutorBase):
+    """Run each ClientApp task in this process, one after another; survive any task.
+
+    Parameters
+    ----------
+    max_rss_mb : float | None (default: DEFAULT_MAX_RSS_MB)
+        After a task, if the resident size exceeds this, re-execute the executor (same pid,
+        fresh interpreter) before taking the next task. None: never.
+    run_task : Callable[[Any], int] | None (default: None)
+        What runs one task spec and returns its exit code; default flwr's ``run_clientapp``
+        with in-process exit semantics (:meth:`run_clientapp`).
+    """
+
+    def __init__(self, max_rss_mb: float | None = DEFAULT_MAX_RSS_MB,
+                 run_task: Callable[[Any], int] | None = None) -> None:
+        self.max_rss_mb = max_rss_mb
+        self.run_task = run_task or self.run_clientapp
+        self.tasks = 0
+        self.failures = 0
+        self.rss_after: list[float] = []
+        self.recycle = False
+
+    def launch(self, spec):
+        """Run the task now, in this process; any failure is logged and reported, never raised."""
+        from flwr.supercore.superexec.executor.types import LaunchResult
+
+        start = time.monotonic()
+        try:
+            code = self.run_task(spec)
+        except Exception as err:  # noqa: BLE001 - one task must never end the executor
+            log.exception("task %s: the in-process ClientApp failed", spec.task_id)
+            self.failures += 1
+            return LaunchResult.failed(f"{type(err).__name__}: {err}")
+        finally:
+            self.tasks += 1
+            gc.collect()
+            self.rss_after.append(rss_mb())
+        if code:
+            self.failures += 1
+        log.info("task %s: done in-process in %.1f s (exit code %d); RSS %.0f MB after %d tasks",
+                 spec.task_id, time.monotonic() - start, code, self.rss_after[-1], self.tasks)
+        if self.max_rss_mb is not None and self.rss_after[-1] > self.max_rss_mb:
+            log.warning("RSS %.0f MB > --max-rss-mb %.0f: re-executing the ClientApp executor "
+                        "before the next task", self.rss_after[-1], self.max_rss_mb)
+            self.recycle = True
+        return LaunchResult.accepted()
+
+    @staticmethod
+    def run_clientapp(spec) -> int:
+        """Run flwr's ``run_clientapp`` for ``spec`` here; return its exit code.
+
+        ``run_clientapp`` registers its exit handler through ``register_signal_handlers`` and
+        ends with ``flwr_exit``; both are swapped, for this call only, for versions that keep
+        the handlers and run them (push the task status, stop the heartbeat, close the Runtime
+        API client) without touching signals or exiting.
+        """
+        from flwr.supercore.tls import validate_and_resolve_root_certificates
+        from flwr.supernode.runtime import run_clientapp as rc
+
+        handlers: list[Callable[[], None]] = []
+
+        def keep_handlers(*_args: Any, exit_handlers: list | None = None, **_kw: Any) -> None:
+            handlers.extend(exit_handlers or [])
+
+        def end_task(code: int, *_args: Any, **_kw: Any) -> None:
+            raise _TaskEnded(code)
+
+        def run_handlers() -> None:
+            while handlers:
+                try:
+                    handlers.pop()()
+                except Exception:  # noqa: BLE001 - as flwr's exit handlers, best effort
+                    log.exception("task %s: exit handler failed", spec.task_id)
+
+        saved = rc.register_signal_handlers, rc.flwr_exit
+        rc.register_signal_handlers, rc.flwr_exit = keep_handlers, end_task
+        try:
+            rc.run_clientapp(
+                runtime_api_address=spec.runtime_api_address,
+                token=spec.token,
+                insecure=spec.insecure,
+                certificates=validate_and_resolve_root_certificates(
+                    spec.root_certificates_path, spec.insecure),
+                parent_pid=None,
+                runtime_dependency_install=False,
+            )
+        except _TaskEnded as ended:
+            return ended.code
+        finally:
+            rc.register_signal_handlers, rc.flwr_exit = saved
+            run_handlers()
+        return 0
+
+    def reconcile(self) -> None:
+        """Between tasks: re-execute this process if the last task left it too big."""
+        if self.recycle:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+    def close(self) -> None:
+        """Nothing to stop: a running task ends with the process."""
+
+
+class ForkExecutor(_ExecutorBase):
     """A flwr SuperExec executor that forks the (warm) current process for each task."""
 
     def __init__(self) -> None:
         self.children: set[int] = set()
-
-    def get_eligible_capacity(self, supported_task_types, *, insecure=False,
-                              root_certificates_path=None):
-        """Accept every task type at once (as flwr's subprocess executor does)."""
-        return supported_task_types, set()
-
-    def wait_for_capacity(self, task_type=None, *, fab_hash=None, insecure=False,
-                          root_certificates_path=None) -> None:
-        """Return at once: forking has no capacity gate."""
 
     def launch(self, spec):
         """Fork; the child runs flwr's ``run_clientapp`` for the task's token and exits."""
@@ -50,7 +196,7 @@ class ForkExecutor:
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                _run_task(spec)
+                _fork_task(spec)
                 code = 0
             except SystemExit as done:
                 code = done.code if isinstance(done.code, int) else 0
@@ -81,7 +227,7 @@ class ForkExecutor:
                 pass
 
 
-def _run_task(spec) -> None:
+def _fork_task(spec) -> None:
     from flwr.supercore.tls import validate_and_resolve_root_certificates
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
@@ -109,19 +255,29 @@ def warm_up() -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Warm up, then run flwr's SuperExec loop with :class:`ForkExecutor`."""
+    """Warm up, then run flwr's SuperExec loop with the chosen executor."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime-api-address", required=True,
                         help="The SuperNode's Runtime API, e.g. 127.0.0.1:9094.")
+    parser.add_argument("--mode", choices=MODES, default="inprocess",
+                        help="inprocess: run tasks here, caches kept (default); fork: fork "
+                        "this warm process per task.")
+    parser.add_argument("--max-rss-mb", type=float, default=DEFAULT_MAX_RSS_MB,
+                        help="inprocess: re-execute above this resident size, in MB "
+                        "(0: never; default %(default)g).")
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="Exit when this process exits.")
     args = parser.parse_args(argv)
     seconds = warm_up()
     from flwr.supercore.superexec import run_superexec as superexec
 
-    print(f"qanafed warm ClientApp executor: imports took {seconds:.1f} s; "
-          f"forking per message from pid {os.getpid()}", flush=True)
-    executor = ForkExecutor()
+    executor: InProcessExecutor | ForkExecutor
+    if args.mode == "inprocess":
+        executor = InProcessExecutor(args.max_rss_mb or None)
+    else:
+        executor = ForkExecutor()
+    print(f"qanafed warm ClientApp executor ({args.mode}): imports took {seconds:.1f} s; "
+          f"pid {os.getpid()}, RSS {rss_mb():.0f} MB", flush=True)
     superexec.get_executor = lambda *a, **k: executor
     superexec.run_superexec(runtime_api_address=args.runtime_api_address, insecure=True,
                             parent_pid=args.parent_pid)

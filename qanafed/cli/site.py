@@ -21,8 +21,9 @@ def start(
     foreground: Annotated[bool, typer.Option(
         "--foreground", help="Run in this process until stopped (systemd, start.sh).")] = False,
     isolation: Annotated[str, typer.Option(
-        "--isolation", help="subprocess: a fresh ClientApp process per message (flwr default); "
-        "warm: one long-lived executor that imported TensorFlow once (default).")] = "warm",
+        "--isolation", help="warm (default): one long-lived executor that imported TensorFlow "
+        "once runs every message, data and model cached; warm-fork: it forks per message; "
+        "subprocess: a fresh ClientApp process per message (flwr's default).")] = "warm",
 ) -> None:
     """Check the kit and data, then start the SuperNode (restarted on crash)."""
     from common.errors import ConfigError
@@ -30,7 +31,7 @@ def start(
 
     if isolation not in ISOLATIONS:
         raise ConfigError(f"--isolation {isolation!r} is not one of {', '.join(ISOLATIONS)}",
-                          "use --isolation subprocess or --isolation warm")
+                          "use --isolation warm, warm-fork or subprocess")
     info = start_site(kit, foreground=foreground, isolation=isolation)  # type: ignore[arg-type]
     if foreground:
         raise typer.Exit(int(info.get("exit-code", 0)))

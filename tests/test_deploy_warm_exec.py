@@ -1,0 +1,136 @@
+"""The warm ClientApp executor: a task's failure or exit never ends it; memory stays bounded."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from deploy.warm_exec import InProcessExecutor
+
+
+def _spec(task_id: int = 1):
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor.types import ExecutionSpec
+
+    return ExecutionSpec(task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:9",
+                         token="token", insecure=True, root_certificates_path=None,
+                         runtime_dependency_install=False, parent_pid=None,
+                         suppress_output=False, task_id=task_id)
+
+
+def test_a_failing_task_is_reported_and_the_next_one_runs() -> None:
+    # Prepare: the first task raises, the second succeeds
+    ran: list[int] = []
+
+    def run_task(spec) -> int:
+        if spec.task_id == 1:
+            raise ValueError("site data unreadable")
+        ran.append(spec.task_id)
+        return 0
+
+    executor = InProcessExecutor(max_rss_mb=None, run_task=run_task)
+
+    # Execute
+    first = executor.launch(_spec(1))
+    second = executor.launch(_spec(2))
+
+    # Assert
+    assert first.status == "failed" and "site data unreadable" in first.message
+    assert second.status == "accepted"
+    assert ran == [2]
+    assert (executor.tasks, executor.failures) == (2, 1)
+    assert len(executor.rss_after) == 2 and not executor.recycle
+
+
+def test_flwr_exit_of_a_task_neither_exits_nor_touches_signals(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: stand in for run_clientapp's ending contract — it registers its exit handler
+    # via register_signal_handlers and ends with flwr_exit(code) (which would exit the
+    # process and arm a 5 s force-exit timer)
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    pushed: list[str] = []
+    real_register, real_exit = rc.register_signal_handlers, rc.flwr_exit
+
+    def ending_like_run_clientapp(**_kw) -> None:
+        rc.register_signal_handlers(event_type=None, exit_message="Task stopped.",
+                                    exit_handlers=[lambda: pushed.append("task output")])
+        rc.flwr_exit(code=800)
+
+    monkeypatch.setattr(rc, "run_clientapp", ending_like_run_clientapp)
+    sigterm = signal.getsignal(signal.SIGTERM)
+    executor = InProcessExecutor(max_rss_mb=None)
+
+    # Execute
+    result = executor.launch(_spec(7))
+
+    # Assert: the exit handler ran once, the code counts as a failure, nothing exits
+    assert result.status == "accepted"
+    assert pushed == ["task output"]
+    assert executor.failures == 1
+    assert signal.getsignal(signal.SIGTERM) is sigterm
+    assert (rc.register_signal_handlers, rc.flwr_exit) == (real_register, real_exit)
+    assert not any("force_exit" in t.name for t in threading.enumerate())
+
+
+def test_an_oversized_executor_reexecutes_itself_between_tasks(tmp_path: Path) -> None:
+    # Prepare: a process whose executor is over its RSS cap after one task
+    marker = tmp_path / "first-pid"
+    code = (
+        "import os, pathlib, sys\n"
+        f"marker = pathlib.Path({str(marker)!r})\n"
+        "if marker.exists():\n"
+        "    print('re-executed', marker.read_text() == str(os.getpid())); sys.exit(0)\n"
+        "marker.write_text(str(os.getpid()))\n"
+        "from deploy.warm_exec import InProcessExecutor\n"
+        "from flwr.supercore.superexec.executor.types import ExecutionSpec\n"
+        "spec = ExecutionSpec('flwr-clientapp', '127.0.0.1:9', 'token', True, None, False,\n"
+        "                     None, False, 1)\n"
+        "ex = InProcessExecutor(max_rss_mb=1, run_task=lambda spec: 0)\n"
+        "assert ex.launch(spec).status == 'accepted' and ex.recycle\n"
+        "ex.reconcile()\n"
+        "print('not re-executed')\n"
+    )
+
+    # Execute
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+
+    # Assert: same pid, fresh interpreter
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "re-executed True"
+
+
+def test_site_isolation_modes_choose_the_executor(tmp_path: Path) -> None:
+    # Prepare: a provisioned site kit
+    from deploy.kit import validate_site_kit
+    from deploy.loopback import write_project
+    from deploy.provision import provision
+    from deploy.site import _children, site_paths
+
+    (tmp_path / "data").mkdir()
+    provision(write_project(tmp_path / "p.yaml", {"a": tmp_path / "data"}, [18980, 18981]),
+              tmp_path / "kits")
+    kit = validate_site_kit(tmp_path / "kits" / "sites" / "a")
+    paths = site_paths(kit.dir)
+
+    # Execute
+    modes = {iso: _children(kit, iso, paths) for iso in ("warm", "warm-fork", "subprocess")}
+
+    # Assert
+    def flag(argv: list[str], name: str) -> str:
+        return argv[argv.index(name) + 1]
+
+    assert [c.name for c in modes["subprocess"]] == ["supernode"]
+    assert flag(modes["subprocess"][0].argv, "--isolation") == "subprocess"
+    for iso, mode in (("warm", "inprocess"), ("warm-fork", "fork")):
+        supernode, executor = modes[iso]
+        assert flag(supernode.argv, "--isolation") == "process"
+        assert flag(executor.argv, "--mode") == mode
+        assert flag(executor.argv, "--runtime-api-address") == "127.0.0.1:18981"
