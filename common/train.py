@@ -72,6 +72,20 @@ class TrainConfig:
         Smallest Akida-vs-quantized top-1 agreement accepted before saving the Akida model.
     quality_filter : bool (default: True)
         Drop unreadable, tiny, too dark/bright or blurry images first.
+    pact : bool (default: False)
+        Train every bounded ReLU's clip α (PACT, :mod:`common.pact`) during float training,
+        then bake the learned α into ``ReLU(max_value=α)`` before quantization, so α is the
+        quantizer's activation range and the converted layer's bound. α is fixed during QAT.
+    pact_alpha_init : float (default: 6.0)
+        Initial α of every PACT clip (6 = QANA's ReLU6 bound); must be > 0.
+    pact_l2 : float (default: 1e-4)
+        L2 penalty ``pact_l2 · α²`` per clip, added to the training loss; >= 0.
+    sgt : bool (default: False)
+        Saliency-guided training (:mod:`common.sgt`) in float training and in QAT.
+    sgt_mask_fraction : float (default: 0.1)
+        Fraction of lowest-saliency pixels masked per image, in (0, 1).
+    sgt_kl_weight : float (default: 1.0)
+        Weight of the KL term between outputs on the original and the masked images; >= 0.
     """
 
     variant: str = "qana-akd1000"
@@ -93,6 +107,12 @@ class TrainConfig:
     calibration_samples: int = 256
     min_agreement: float = 0.9
     quality_filter: bool = True
+    pact: bool = False
+    pact_alpha_init: float = 6.0
+    pact_l2: float = 1e-4
+    sgt: bool = False
+    sgt_mask_fraction: float = 0.1
+    sgt_kl_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.balance not in BALANCE_METHODS:
@@ -117,6 +137,24 @@ class TrainConfig:
         if not 0.0 < self.min_agreement <= 1.0:
             raise ConfigError(
                 f"min_agreement={self.min_agreement} is outside (0, 1]", "use e.g. 0.9 or 0.99"
+            )
+        self._check_pact_sgt()
+
+    def _check_pact_sgt(self) -> None:
+        """Validate the PACT and SGT options (checked even when the method is off)."""
+        if not (np.isfinite(self.pact_alpha_init) and self.pact_alpha_init > 0):
+            raise ConfigError(
+                f"pact_alpha_init={self.pact_alpha_init} is not a positive number",
+                "start the PACT clips at a positive α, e.g. 6.0 (the ReLU6 bound)",
+            )
+        for name in ("pact_l2", "sgt_kl_weight"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name}={value} is not >= 0", "use 0 (off) or e.g. 1e-4 / 1.0")
+        if not 0.0 < self.sgt_mask_fraction < 1.0:
+            raise ConfigError(
+                f"sgt_mask_fraction={self.sgt_mask_fraction} is outside (0, 1)",
+                "give the fraction of lowest-saliency pixels to mask, e.g. 0.1 for 10 %",
             )
 
     @property
@@ -251,10 +289,31 @@ def fit_selecting_on_val(
     epochs: int,
     stage: str,
     progress: Progress | None = None,
+    *,
+    trainer: Any = None,
 ) -> dict[str, Any]:
     """Train with early stopping on validation balanced accuracy; restore the best weights.
 
     The test split is never looked at here.
+
+    Parameters
+    ----------
+    model : tf_keras.Model
+        Compiled float or quantized model, trained in place.
+    arrays : SplitArrays
+        Training and validation images.
+    cfg : TrainConfig
+        Batch size, augmentation, class weighting, patience, schedule, seed.
+    epochs : int
+        Maximum epochs (0: no training).
+    stage : str
+        Stage name for logs and progress.
+    progress : Progress | None (default: None)
+        Progress callback.
+    trainer : tf_keras.Model | None (default: None)
+        A compiled model whose ``fit`` trains ``model``'s variables (e.g. a
+        :class:`common.sgt.SaliencyGuidedModel` wrapping it); None fits ``model`` itself.
+        Selection always scores and restores ``model``.
 
     Returns
     -------
@@ -281,7 +340,7 @@ def fit_selecting_on_val(
 
     class _SelectOnVal(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            y_pred = predict_keras(self.model, arrays.x_val)
+            y_pred = predict_keras(model, arrays.x_val)
             score = classification_metrics(arrays.y_val, y_pred, arrays.class_names)[
                 "balanced_accuracy"
             ]
@@ -301,21 +360,22 @@ def fit_selecting_on_val(
                 score,
             )
             if score > best["score"]:
-                best.update(score=score, epoch=epoch + 1, weights=self.model.get_weights())
+                best.update(score=score, epoch=epoch + 1, weights=model.get_weights())
             elif epoch + 1 - best["epoch"] >= cfg.patience:
                 self.model.stop_training = True
             if progress is not None:
                 progress(stage, epoch + 1, epochs)
 
+    fitted = model if trainer is None else trainer
     callbacks: list[Any] = [_SelectOnVal()]
     if cfg.lr_schedule == "cosine" and epochs > 0:
-        base_lr = float(keras.backend.get_value(model.optimizer.learning_rate))
+        base_lr = float(keras.backend.get_value(fitted.optimizer.learning_rate))
         callbacks.insert(
             0,
             keras.callbacks.LearningRateScheduler(lambda epoch: cosine_lr(base_lr, epoch, epochs)),
         )
     if epochs > 0:
-        model.fit(train, epochs=epochs, verbose=0, class_weight=weights, callbacks=callbacks)
+        fitted.fit(train, epochs=epochs, verbose=0, class_weight=weights, callbacks=callbacks)
         model.set_weights(best["weights"])
     return {
         "history": history,
@@ -325,10 +385,155 @@ def fit_selecting_on_val(
     }
 
 
+def _sgt_trainer(model: Any, cfg: TrainConfig, lr: float) -> Any:
+    """Return a compiled :class:`~common.sgt.SaliencyGuidedModel` training ``model``."""
+    import tf_keras as keras
+
+    from .sgt import SaliencyGuidedModel
+
+    wrapper = SaliencyGuidedModel(model, cfg.sgt_mask_fraction, cfg.sgt_kl_weight)
+    wrapper.compile(optimizer=keras.optimizers.Adam(lr))
+    return wrapper
+
+
+def train_float(
+    arrays: SplitArrays, cfg: TrainConfig, progress: Progress | None = None,
+    stage: str = "float",
+) -> tuple[Any, dict[str, Any]]:
+    """Build and train the float model of ``cfg``: plain, with PACT clips and/or with SGT.
+
+    With ``cfg.pact`` every bounded ReLU (except the spike generator) becomes a learnable
+    clip during training and the learned α is then baked into ``ReLU(max_value=α)``
+    (:func:`common.pact.bake_pact`), so the returned model is an ordinary QANA model whose
+    bounds are the learned α. With ``cfg.sgt`` the loss is the saliency-guided one.
+
+    Parameters
+    ----------
+    arrays : SplitArrays
+        The split (validation selects the epoch; test is not looked at).
+    cfg : TrainConfig
+        Run configuration.
+    progress : Progress | None (default: None)
+        Progress callback, called with ``stage``.
+    stage : str (default: "float")
+        Stage name for progress and logs.
+
+    Returns
+    -------
+    tuple[tf_keras.Model, dict[str, Any]]
+        The trained (baked) float model and the record of :func:`fit_selecting_on_val`,
+        plus ``pact_alphas`` (layer → learned α) when PACT was on.
+    """
+    import tf_keras as keras
+
+    from .models import create_model
+    from .pact import apply_pact, bake_pact, pact_alphas
+
+    keras.utils.set_random_seed(cfg.seed)
+    model = create_model(
+        cfg.variant, input_size=cfg.size, num_classes=len(arrays.class_names), width=cfg.width
+    )
+    if cfg.pact:
+        model = apply_pact(model, alpha_init=cfg.pact_alpha_init, l2=cfg.pact_l2)
+    model.compile(
+        optimizer=keras.optimizers.Adam(cfg.lr),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    trainer = _sgt_trainer(model, cfg, cfg.lr) if cfg.sgt else None
+    record = fit_selecting_on_val(model, arrays, cfg, cfg.epochs, stage, progress,
+                                  trainer=trainer)
+    alphas = pact_alphas(model)
+    if alphas:
+        record["pact_alphas"] = alphas
+        model = bake_pact(model)
+    return model, record
+
+
+def quantize_and_qat(
+    float_model: Any,
+    arrays: SplitArrays,
+    cfg: TrainConfig,
+    progress: Progress | None = None,
+    *,
+    bits: int | None = None,
+    stage: str = "qat",
+) -> tuple[Any, dict[str, Any]]:
+    """Quantize ``float_model`` (calibrated on training images), then QAT for ``cfg.qat_epochs``.
+
+    QAT uses the saliency-guided loss when ``cfg.sgt`` (quantizeml's straight-through
+    gradients give input saliency on quantized models). ``float_model`` is not changed.
+
+    Parameters
+    ----------
+    float_model : tf_keras.Model
+        Trained float model (from :func:`train_float`).
+    arrays : SplitArrays
+        The split; ``cfg.calibration_samples`` training images calibrate.
+    cfg : TrainConfig
+        Run configuration.
+    progress : Progress | None (default: None)
+        Progress callback, called with ``stage``.
+    bits : int | None (default: None)
+        Weight and activation bit width (input layer stays at the variant's); None keeps
+        the variant's own (4 on Akida 1.0). See :func:`variant_with_bits`.
+    stage : str (default: "qat")
+        Stage name for progress and logs.
+
+    Returns
+    -------
+    tuple[tf_keras.Model, dict[str, Any]]
+        The quantized model and ``{"ptq_val_balanced_accuracy", "qat"?}``.
+    """
+    from .quantize import qat_compile, quantize_model
+
+    rng = np.random.default_rng(cfg.seed)
+    n_cal = min(cfg.calibration_samples, len(arrays.x_train))
+    calibration = arrays.x_train[rng.choice(len(arrays.x_train), n_cal, replace=False)]
+    qmodel = quantize_model(float_model, variant_with_bits(cfg.variant, bits), calibration)
+    record: dict[str, Any] = {
+        "ptq_val_balanced_accuracy": classification_metrics(
+            arrays.y_val, predict_keras(qmodel, arrays.x_val), arrays.class_names
+        )["balanced_accuracy"]
+    }
+    if cfg.qat_epochs > 0:
+        qat_compile(qmodel, cfg.effective_qat_lr)
+        trainer = _sgt_trainer(qmodel, cfg, cfg.effective_qat_lr) if cfg.sgt else None
+        record["qat"] = fit_selecting_on_val(qmodel, arrays, cfg, cfg.qat_epochs, stage,
+                                             progress, trainer=trainer)
+    return qmodel, record
+
+
+def variant_with_bits(variant: str, bits: int | None) -> Any:
+    """Return the variant's ``VariantInfo`` with weights and activations at ``bits``.
+
+    The input layer keeps the variant's input bits (8). ``bits=None`` returns the variant
+    unchanged. Whether the target converts the result is not checked here: on Akida 1.0,
+    weights of 1, 2 or 4 bits convert and 8 does not (cnn2snn refuses it).
+
+    Raises
+    ------
+    ConfigError
+        ``bits`` not an integer in 1..8.
+    """
+    import dataclasses
+
+    from .models import get_variant
+
+    info = get_variant(variant)
+    if bits is None:
+        return info
+    if not (isinstance(bits, (int, np.integer)) and 1 <= bits <= 8):
+        raise ConfigError(f"bits={bits!r} is not a bit width", "use an integer in 1..8, e.g. 4")
+    return dataclasses.replace(info, weight_bits=int(bits), activation_bits=int(bits))
+
+
 def train_and_convert(
     arrays: SplitArrays, cfg: TrainConfig, progress: Progress | None = None
 ) -> dict[str, Any]:
     """Float training → quantization (calibrated on training images) → QAT → Akida conversion.
+
+    PACT (``cfg.pact``) trains the clips in float and bakes them before quantization; SGT
+    (``cfg.sgt``) uses the saliency-guided loss in float training and QAT.
 
     Returns
     -------
@@ -336,33 +541,13 @@ def train_and_convert(
         ``float_model``, ``quantized_model``, ``akida_model``, ``parity`` and ``metrics``
         (float / quantized / akida on the test split) plus ``training`` histories.
     """
-    import tf_keras as keras
-
     from .akida_exact import convert_exact
-    from .models import create_model
     from .parity import check_parity
-    from .quantize import qat_compile, quantize_model
 
-    keras.utils.set_random_seed(cfg.seed)
-    model = create_model(
-        cfg.variant, input_size=cfg.size, num_classes=len(arrays.class_names), width=cfg.width
-    )
-    model.compile(
-        optimizer=keras.optimizers.Adam(cfg.lr),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    training = {"float": fit_selecting_on_val(model, arrays, cfg, cfg.epochs, "float", progress)}
-
-    rng = np.random.default_rng(cfg.seed)
-    n_cal = min(cfg.calibration_samples, len(arrays.x_train))
-    calibration = arrays.x_train[rng.choice(len(arrays.x_train), n_cal, replace=False)]
-    qmodel = quantize_model(model, cfg.variant, calibration)
-    training["ptq_val_balanced_accuracy"] = classification_metrics(
-        arrays.y_val, predict_keras(qmodel, arrays.x_val), arrays.class_names
-    )["balanced_accuracy"]
-    if cfg.qat_epochs > 0:
-        qat_compile(qmodel, cfg.effective_qat_lr)
-        training["qat"] = fit_selecting_on_val(qmodel, arrays, cfg, cfg.qat_epochs, "qat", progress)
+    model, float_record = train_float(arrays, cfg, progress)
+    training: dict[str, Any] = {"float": float_record}
+    qmodel, q_record = quantize_and_qat(model, arrays, cfg, progress)
+    training.update(q_record)
 
     # On Akida 1.0 this re-aligns the quantized weights to power-of-two scales (in place) and
     # sets exact thresholds: the quantized model is scored after it, and the Akida model

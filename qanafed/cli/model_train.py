@@ -71,6 +71,20 @@ def train(
     quality_filter: Annotated[
         bool, typer.Option(help="Drop unreadable/tiny/dark/bright/blurry images.")
     ] = True,
+    pact: Annotated[
+        bool, typer.Option(help="Learn each bounded ReLU's clip α (PACT) in float training.")
+    ] = False,
+    pact_alpha_init: Annotated[float, typer.Option(help="Initial PACT α (> 0).")] = 6.0,
+    pact_l2: Annotated[float, typer.Option(help="L2 penalty on each PACT α (>= 0).")] = 1e-4,
+    sgt: Annotated[
+        bool, typer.Option(help="Saliency-guided training (float and QAT).")
+    ] = False,
+    sgt_mask_fraction: Annotated[
+        float, typer.Option(help="SGT: fraction of lowest-saliency pixels masked, in (0, 1).")
+    ] = 0.1,
+    sgt_kl_weight: Annotated[
+        float, typer.Option(help="SGT: weight of the KL(original ‖ masked) term (>= 0).")
+    ] = 1.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print metrics.json on stdout.")] = False,
 ) -> None:
     """Train a QANA model: float → quantize (calibrated) → QAT → Akida, scored on the test split."""
@@ -95,6 +109,12 @@ def train(
         patience=patience,
         min_agreement=min_agreement,
         quality_filter=quality_filter,
+        pact=pact,
+        pact_alpha_init=pact_alpha_init,
+        pact_l2=pact_l2,
+        sgt=sgt,
+        sgt_mask_fraction=sgt_mask_fraction,
+        sgt_kl_weight=sgt_kl_weight,
     )
     ds = load_dataset(data)
     with stage_progress() as progress, stdout_to_stderr():
