@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import os
 import resource
 import signal
@@ -244,13 +245,19 @@ def _fork_task(spec) -> None:
 
 
 def warm_up() -> float:
-    """Import the ClientApp and everything it needs (TensorFlow, QANA); return the seconds."""
+    """Import the ClientApp and everything it needs (TensorFlow, QANA); return the seconds.
+
+    The ClientApp imports TensorFlow, quantizeml and akida lazily, so they are imported here
+    explicitly (importing starts no TensorFlow runtime threads, so forking afterwards is safe).
+    """
     start = time.monotonic()
     import flwr.supernode.runtime.run_clientapp  # noqa: F401
 
     import client.client_app  # noqa: F401
     import common.site  # noqa: F401
 
+    for name in ("tensorflow", "tf_keras", "quantizeml", "cnn2snn", "akida"):
+        __import__(name)
     return time.monotonic() - start
 
 
@@ -268,6 +275,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="Exit when this process exits.")
     args = parser.parse_args(argv)
+    handler = logging.StreamHandler(sys.stdout)  # the supervisor sends stdout to site.log
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    get_logger().addHandler(handler)
+    get_logger().setLevel(logging.INFO)
     seconds = warm_up()
     from flwr.supercore.superexec import run_superexec as superexec
 

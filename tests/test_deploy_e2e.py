@@ -11,15 +11,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from deploy.loopback import (
+    Daemons,
+    events,
+    free_ports,
+    has_event,
+    qanafed,
+    wait_for,
+    write_project,
+    write_site_data,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -40,71 +48,6 @@ seed: 0
 """
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _project(path: Path, data: Path, ports: list[int], sites: list[str]) -> Path:
-    lines = ["name: e2e", "coordinator:", "  address: 127.0.0.1", f"  port: {ports[0]}",
-             "  bind-host: 127.0.0.1", "sites:"]
-    for i, site in enumerate(sites):
-        lines += [f"  - name: {site}", f"    data: {data / site / 'dermamnist.npz'}",
-                  "    device: cpu", f"    runtime-port: {ports[1 + i]}"]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _write_data(root: Path) -> None:
-    """Two sites of synthetic lesions as MedMNIST-style npz files; c gets a copy of b's."""
-    from common.loaders import load_synthetic
-
-    ds = load_synthetic("synthetic:n=120,size=48,sites=2,seed=0")
-    order = np.random.default_rng(0).permutation(len(ds.labels))
-    halves = {"a": order[: len(order) // 2], "b": order[len(order) // 2:]}
-    halves["c"] = halves["b"]
-    for site, idx in halves.items():
-        (root / site).mkdir(parents=True)
-        np.savez(root / site / "dermamnist.npz", train_images=ds.images[idx],
-                 train_labels=ds.labels[idx])
-
-
-def _qanafed(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qanafed", *args], capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def _pid(pid_file: Path) -> int:
-    return int(pid_file.read_text().strip())
-
-
-def _wait(what: str, check, timeout: float, poll: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
-def _events(progress: Path) -> list[dict]:
-    if not progress.exists():
-        return []
-    return [json.loads(line) for line in progress.read_text().splitlines() if line.strip()]
-
-
-def _has_event(progress: Path, **match) -> bool:
-    return any(all(ev.get(k) == v for k, v in match.items()) for ev in _events(progress))
-
-
 def test_deployment_on_loopback(tmp_path: Path) -> None:
     from deploy.coord import coord_paths, launch_run, wait_run
     from deploy.ledger import Ledger
@@ -113,79 +56,66 @@ def test_deployment_on_loopback(tmp_path: Path) -> None:
     from deploy.site import site_paths
 
     # Prepare: data, kits for a, b, c, then c removed (its key revoked, never registered)
-    _write_data(tmp_path / "data")
-    ports = _free_ports(4)
+    data = write_site_data(tmp_path / "data", "synthetic:n=120,size=48,sites=2,seed=0", "ab")
+    (tmp_path / "data" / "c").mkdir()
+    data["c"] = Path(shutil.copy(data["b"], tmp_path / "data" / "c"))
+    ports = free_ports(4)
     kits = tmp_path / "kits"
-    provision(_project(tmp_path / "p3.yaml", tmp_path / "data", ports, ["a", "b", "c"]), kits)
-    provision(_project(tmp_path / "p2.yaml", tmp_path / "data", ports, ["a", "b"]), kits)
+    provision(write_project(tmp_path / "p3.yaml", data, ports, "e2e"), kits)
+    provision(write_project(tmp_path / "p2.yaml", {s: data[s] for s in "ab"}, ports, "e2e"),
+              kits)
     coord, site = kits / "coordinator", {s: kits / "sites" / s for s in "abc"}
     scenario = tmp_path / "e2e.yaml"
     scenario.write_text(SCENARIO)
     cpaths = coord_paths(coord)
-    groups: list[int] = []  # process-group ids of every daemon started here
     timings: dict[str, float] = {}
-    try:
+    with Daemons() as daemons:
         # Execute 1: coordinator (TLS, auth, state DB, keys registered), sites a and b
         t0 = time.monotonic()
-        res = _qanafed("coord", "start", "--kit", str(coord))
-        assert res.returncode == 0, res.stderr
-        groups.append(_pid(cpaths.pid_file))
+        coord_pid = daemons.start("coord", coord)
         timings["coordinator start + 2 registrations (s)"] = time.monotonic() - t0
         for s in "ab":
-            res = _qanafed("site", "start", "--kit", str(site[s]))
-            assert res.returncode == 0, res.stderr
-            groups.append(_pid(site_paths(site[s]).pid_file))
+            daemons.start("site", site[s])
 
         # Execute 2: the revoked, unregistered site c is refused by the SuperLink
-        res = _qanafed("site", "start", "--kit", str(site["c"]))
-        assert res.returncode == 0, res.stderr
-        groups.append(_pid(site_paths(site["c"]).pid_file))
-        _wait("site c refused", lambda: "Failed to activate SuperNode"
-              in site_paths(site["c"]).log_file.read_text(errors="replace"), 90)
+        daemons.start("site", site["c"])
+        wait_for("site c refused", lambda: "Failed to activate SuperNode"
+                 in site_paths(site["c"]).log_file.read_text(errors="replace"), 90)
         assert "No SuperNode found with the given public key" in cpaths.log_file.read_text(
             errors="replace")
-        assert _qanafed("site", "stop", "--kit", str(site["c"])).returncode == 0
+        assert qanafed("site", "stop", "--kit", str(site["c"])).returncode == 0
 
         # Execute 3: the run (3 rounds after hello); kill b's SuperNode mid-round 1
         run = launch_run(coord, scenario, stop_after=3)
         out = Path(run["out-dir"])
         progress = out / "progress.jsonl"
-        _wait("round 1 start", lambda: _has_event(progress, event="round-start", step=1), 240)
+        wait_for("round 1 start", lambda: has_event(progress, event="round-start", step=1), 240)
         time.sleep(3)
         b_state = json.loads(site_paths(site["b"]).state_file.read_text())
         b_node = b_state["children"]["supernode"]["pid"]
         os.kill(b_node, signal.SIGKILL)
         t_kill_site = time.monotonic()
-        _wait("round 1 end", lambda: _has_event(progress, event="round-end", step=1), 200)
+        wait_for("round 1 end", lambda: has_event(progress, event="round-end", step=1), 200)
 
         # Execute 4: kill the whole coordinator as soon as round 2 runs (b is still down, so
         # the run cannot race ahead while we wait), restart it, wait for b, resume the run
-        _wait("round 2 start", lambda: _has_event(progress, event="round-start", step=2), 120)
-        kill_tree(groups[0])  # the whole coordinator machine "crashes"
+        wait_for("round 2 start", lambda: has_event(progress, event="round-start", step=2), 120)
+        kill_tree(coord_pid)  # the whole coordinator machine "crashes"
         t_kill = time.monotonic()
-        done_before_kill = max(ev["step"] for ev in _events(progress)
+        done_before_kill = max(ev["step"] for ev in events(progress)
                                if ev["event"] == "round-end")
-        _wait("coordinator gone", lambda: not cpaths.pid_file.exists()
-              or not Path(f"/proc/{groups[0]}").exists(), 20)
-        res = _qanafed("coord", "start", "--kit", str(coord))
-        assert res.returncode == 0, res.stderr
-        groups.append(_pid(cpaths.pid_file))
-        _wait("b back online", lambda: site_paths(site["b"]).log_file.read_text(
+        wait_for("coordinator gone", lambda: not cpaths.pid_file.exists()
+                 or not Path(f"/proc/{coord_pid}").exists(), 20)
+        daemons.start("coord", coord)
+        wait_for("b back online", lambda: site_paths(site["b"]).log_file.read_text(
             errors="replace").count("SuperNode ID:") >= 2, 240)
         timings["site kill → re-activated at the SuperLink (s)"] = (
             time.monotonic() - t_kill_site)
         resumed = launch_run(coord, scenario, resume=True, stop_after=3)
         status = wait_run(coord, resumed["run-id"], timeout=400)
         timings["coordinator kill → resumed run done (s)"] = time.monotonic() - t_kill
-        status_json = json.loads(_qanafed("coord", "status", "--kit", str(coord),
-                                          "--json").stdout)
-    finally:
-        for pgid in groups:
-            kill_tree(pgid)
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        status_json = json.loads(qanafed("coord", "status", "--kit", str(coord),
+                                         "--json").stdout)
 
     # Assert: site b was restarted by its supervisor, with the same key
     assert json.loads(site_paths(site["b"]).state_file.read_text())["children"]["supernode"][
@@ -194,7 +124,7 @@ def test_deployment_on_loopback(tmp_path: Path) -> None:
     # its last complete round
     assert 1 <= done_before_kill < 3
     assert status == "finished:completed"
-    starts = [ev for ev in _events(progress) if ev["event"] == "start"]
+    starts = [ev for ev in events(progress) if ev["event"] == "start"]
     assert [ev["done"] for ev in starts] == [0, done_before_kill]
     assert starts[0]["run_id"] == starts[1]["run_id"]
     # the ledger: both sites said hello; round 1 finished without b; b rejoined by round 3
