@@ -1,8 +1,10 @@
 """Federated (FedAvg, FedProx, FedAdam on Flower) vs pooled vs each site alone on HAM10000 sites.
 
-Run: ``python -m bench.federation [--data PATH] [--methods ...]`` (hours on 2 shared cores; run it
-with ``nohup``). Writes ``bench/results/federation.json`` and the ``## Federation`` section of
-``bench/RESULTS.md`` after every method, so an interrupted run leaves labelled partial results.
+Run: ``python -m bench.federation [--data PATH] [--methods ...] [budget options]`` (hours on 2
+shared cores for every method; run it with ``nohup``). Writes ``bench/results/federation.json``
+and the ``## Federation`` section of ``bench/RESULTS.md`` after every method, so an interrupted
+run leaves labelled partial results. Results are merged by method: rows of methods this run did
+not re-run are kept from the JSON (``--fresh`` drops them), each row carrying its own budget.
 
 Every method trains with the same site-side code (:mod:`common.site`: balancing, augmentation,
 float epochs, federated calibration, QAT epochs, Akida conversion) and the same epoch budget;
@@ -166,10 +168,25 @@ def _f(x: Any, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def short_budget(b: dict[str, Any]) -> str:
+    """One table cell summarizing a row's budget (and its strategy's server settings)."""
+    text = (f"{b['size']} px ×{b['width']}, {b['warmup']}×{b['local_epochs']} + "
+            f"{b['qat']}×{b['qat_local_epochs']} ep, nv ≤ {b.get('nv_cap', '?')}")
+    if "seed" in b and b["seed"] != 0:
+        text += f", seed {b['seed']}"
+    strategy = b.get("strategy") or {}
+    if strategy.get("name") == "fedprox":
+        text += f", mu {strategy['proximal-mu']}"
+    elif strategy.get("name") == "fedadam":
+        text += f", eta {strategy['server-lr']}, tau {strategy['tau']}"
+    return text
+
+
 def markdown(doc: dict[str, Any]) -> str:
     """The ``## Federation`` section of bench/RESULTS.md."""
     b, res = doc["budget"], doc["results"]
     sites = doc["sites"]
+    mixed = any(r.get("budget", {}).get("date") != doc["date"] for r in res.values())
     lines = [
         f"`python -m bench.federation` ({doc['date']}){'' if doc['complete'] else ' — **PARTIAL: '}"
         f"{'' if doc['complete'] else 'the run did not finish all methods**'}",
@@ -187,19 +204,30 @@ def markdown(doc: dict[str, Any]) -> str:
         "Pooled and site-alone runs get the same epochs over their data, with the same site "
         "code, in one process.",
         f"- Strategies: FedAvg; FedProx (mu {b['proximal_mu']}); FedAdam (server lr "
-        f"{b['server_lr']}). Weighted by training examples (after oversampling).",
+        f"{b['server_lr']}, tau {b['tau']}, beta 0.9/0.99; Adam steps the trainable weights, "
+        "BN statistics are example-weighted means). Weighted by training examples (after "
+        "oversampling).",
         f"- Machine: {doc['machine']['summary']}.",
+    ]
+    if mixed:
+        lines.append("- Rows come from several runs (`--methods` re-runs some): the budget "
+                     "column gives each row's own; the bullets above are the latest run's "
+                     f"({doc['date']}, methods: {', '.join(doc['methods_run'])}). Rows with "
+                     "another nv cap or seed were scored on another test split.")
+    lines += [
         "",
         "| method | Akida bal. acc. | Akida macro F1 | accuracy | "
-        + " | ".join(f"bal. acc. {s}" for s in sites) + " | wall time (s) | peak PSS (GB) |",
-        "|---|---:|---:|---:|" + "---:|" * len(sites) + "---:|---:|",
+        + " | ".join(f"bal. acc. {s}" for s in sites)
+        + " | wall time (s) | peak PSS (GB) | budget |",
+        "|---|---:|---:|---:|" + "---:|" * len(sites) + "---:|---:|---|",
     ]
     for name, r in res.items():
         u = r["score"]["union"]
         per = [r["score"]["per_site"].get(s, {}).get("balanced_accuracy") for s in sites]
         lines.append(f"| {name} | {_f(u['balanced_accuracy'])} | {_f(u['macro_f1'])} | "
                      f"{_f(u['accuracy'])} | " + " | ".join(_f(p) for p in per)
-                     + f" | {_f(r.get('wall_seconds'), 0)} | {_f(r.get('peak_pss_gb'), 2)} |")
+                     + f" | {_f(r.get('wall_seconds'), 0)} | {_f(r.get('peak_pss_gb'), 2)} | "
+                     f"{short_budget(r['budget']) if 'budget' in r else '–'} |")
     fed = {k: v for k, v in res.items() if "rounds" in v}
     if fed:
         lines += ["", "Per federated round (mean over rounds of the phase): wall time, and the "
@@ -238,12 +266,63 @@ def _overhead(fed: dict[str, Any], alone: dict[str, Any] | None) -> dict[str, An
             "bytes_sent": int(np.mean([r["bytes_sent"] for r in rounds])),
             "bytes_received": int(np.mean([r["bytes_received"] for r in rounds])),
         }
-        if alone:
+        if alone and all(a["round_seconds"].get(phase) for a in alone.values()):
             seq = sum(float(np.mean(a["round_seconds"][phase])) for a in alone.values())
             o["in_process_s"] = seq
             o["ratio"] = o["flower_s"] / seq if seq else None
         out[phase] = o
     return out
+
+
+#: Budget keys that are not about local training (a strategy's server settings, bookkeeping).
+_NOT_TRAINING = ("strategy", "date", "nv_cap_note", "server_lr", "tau", "proximal_mu")
+
+
+def _training(budget: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in budget.items() if k not in _NOT_TRAINING}
+
+
+def _same_training_alone(results: dict[str, Any], budget: dict[str, Any]) -> dict[str, Any]:
+    """Site-alone rows trained with ``budget``'s local training (for the overhead table)."""
+    return {name: r for name, r in results.items() if name.endswith(" alone")
+            and "round_seconds" in r and _training(r.get("budget", {})) == _training(budget)}
+
+
+def previous_results(path: Path, budget: dict[str, Any]) -> dict[str, Any]:
+    """Result rows of an earlier run's JSON, each given its run's budget if it lacks its own."""
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    results = old.get("results", {})
+    for name, r in results.items():
+        if "budget" not in r:
+            b = {**old.get("budget", {}), "date": old.get("date")}
+            b.setdefault("nv_cap", _cap_from_note(b.get("nv_cap_note", "")))
+            method = name if name in STRATEGIES else None
+            r["budget"] = {**b, "strategy": _strategy(method, b) if method else None}
+    log.info("kept %d result rows of %s (%s)", len(results), path, ", ".join(results))
+    return results
+
+
+def _cap_from_note(note: str) -> int | None:
+    words = note.split()
+    return int(words[words.index("at") + 1]) if "at" in words else None
+
+
+def _strategy(method: str, budget: dict[str, Any]) -> dict[str, Any]:
+    """The scenario's ``strategy`` section for a federated method, from the budget."""
+    strategy: dict[str, Any] = {"name": method}
+    if method == "fedprox":
+        strategy["proximal-mu"] = budget["proximal_mu"]
+    if method == "fedadam":
+        strategy["server-lr"] = budget["server_lr"]
+        strategy["tau"] = budget.get("tau", 1e-3)
+    return strategy
+
+
+def _complete(results: dict[str, Any], sites: list[str]) -> bool:
+    wanted = {"fedavg", "fedprox", "fedadam", "pooled", *(f"{s} alone" for s in sites)}
+    return wanted <= set(results)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -253,31 +332,44 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--work", default="/tmp/qanafed-bench-federation")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="methods to run, in order (alone = each site alone); default: all")
     p.add_argument("--size", type=int, default=48)
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--depth", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--local-epochs", type=int, default=2)
-    p.add_argument("--qat", type=int, default=2)
-    p.add_argument("--qat-local-epochs", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=4, help="float warm-up rounds")
+    p.add_argument("--local-epochs", type=int, default=2, help="float epochs per warm-up round")
+    p.add_argument("--qat", type=int, default=2, help="QAT rounds")
+    p.add_argument("--qat-local-epochs", type=int, default=1, help="QAT epochs per QAT round")
+    p.add_argument("--lr", type=float, default=0.003, help="local Adam lr, warm-up")
+    p.add_argument("--qat-lr", type=float, default=0.0003, help="local Adam lr, QAT")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--calibration-samples", type=int, default=128,
+                   help="calibration images per site")
+    p.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx mu")
+    p.add_argument("--server-lr", type=float, default=0.01, help="FedAdam eta")
+    p.add_argument("--tau", type=float, default=1e-3, help="FedAdam tau")
     p.add_argument("--nv-cap", type=int, default=600,
                    help="at most this many nv images at vidir_molemax (94 %% nv)")
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true",
+                   help="drop the rows of earlier runs instead of merging by method")
     p.add_argument("--out", default=str(HERE / "results" / "federation.json"))
     p.add_argument("--results-md", default=str(HERE / "RESULTS.md"))
     args = p.parse_args(argv)
 
     work = Path(args.work)
-    data = capped_copy(Path(args.data), work / "data", "vidir_molemax", "nv", args.nv_cap,
-                       args.seed)
+    data = capped_copy(Path(args.data), work / f"data-nv{args.nv_cap}-seed{args.seed}",
+                       "vidir_molemax", "nv", args.nv_cap, args.seed)
+    date = time.strftime("%Y-%m-%d %H:%M")
     budget = {
         "variant": "qana-akd1000", "size": args.size, "width": args.width, "depth": args.depth,
         "warmup": args.warmup, "local_epochs": args.local_epochs, "qat": args.qat,
-        "qat_local_epochs": args.qat_local_epochs, "batch_size": 32, "lr": 0.003,
-        "qat_lr": 0.0003, "calibration_samples": 128, "test_fraction": 0.2,
-        "proximal_mu": 0.01, "server_lr": 0.01,
+        "qat_local_epochs": args.qat_local_epochs, "batch_size": args.batch_size,
+        "lr": args.lr, "qat_lr": args.qat_lr, "calibration_samples": args.calibration_samples,
+        "test_fraction": 0.2, "proximal_mu": args.proximal_mu, "server_lr": args.server_lr,
+        "tau": args.tau, "nv_cap": args.nv_cap, "seed": args.seed, "date": date,
         "nv_cap_note": f"vidir_molemax's nv capped at {args.nv_cap} images (whole lesions, "
                        f"seeded) of its 2983",
     }
@@ -288,8 +380,8 @@ def main(argv: list[str] | None = None) -> None:
                   "depth": args.depth},
         "rounds": {"warmup": args.warmup, "qat": args.qat},
         "local-epochs": args.local_epochs, "qat-local-epochs": args.qat_local_epochs,
-        "batch-size": 32, "lr": budget["lr"], "qat-lr": budget["qat_lr"],
-        "calibration-samples": budget["calibration_samples"],
+        "batch-size": args.batch_size, "lr": args.lr, "qat-lr": args.qat_lr,
+        "calibration-samples": args.calibration_samples,
         "test-fraction": budget["test_fraction"],
         "quorum": {"min-sites": 4, "min-replies": 4},
         "timeouts": {"connect": 900, "round": 7200},
@@ -298,19 +390,24 @@ def main(argv: list[str] | None = None) -> None:
     }
     cfg = parse_config(scenario, "bench")
     sites = [site.data_of(cfg, i, None) for i in range(4)]
+    out = Path(args.out)
     doc: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "data": args.data,
-        "budget": budget, "scenario": scenario, "complete": False,
+        "date": date, "machine": machine(), "data": args.data,
+        "budget": budget, "scenario": scenario, "methods_run": list(args.methods),
         "sites": [s.site_id for s in sites],
         "site_counts": {s.site_id: {"train": np.bincount(s.y_train, minlength=7).tolist(),
                                     "test": np.bincount(s.y_test, minlength=7).tolist()}
                         for s in sites},
-        "test_images": int(sum(len(s.y_test) for s in sites)), "results": {},
+        "test_images": int(sum(len(s.y_test) for s in sites)),
+        "results": {} if args.fresh else previous_results(out, budget),
     }
-    out = Path(args.out)
-    alone: dict[str, Any] = {}
+    doc["complete"] = _complete(doc["results"], doc["sites"])
 
     def save() -> None:
+        for r in doc["results"].values():  # site-alone timings may arrive after a strategy
+            if "rounds" in r:
+                r["overhead"] = _overhead(r, _same_training_alone(doc["results"], r["budget"]))
+        doc["complete"] = _complete(doc["results"], doc["sites"])
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=1, default=str))
         update_section(Path(args.results_md), "Federation", markdown(doc))
@@ -319,42 +416,34 @@ def main(argv: list[str] | None = None) -> None:
         log.info("bench: %s", method)
         t0 = time.perf_counter()
         if method in STRATEGIES:
-            strategy = {"name": method}
-            if method == "fedprox":
-                strategy["proximal-mu"] = budget["proximal_mu"]
-            if method == "fedadam":
-                strategy["server-lr"] = budget["server_lr"]
+            strategy = _strategy(method, budget)
             fcfg = parse_config({**scenario, "strategy": strategy}, "bench")
             with PeakMemory() as peak:
                 run = run_federated(fcfg, work / method, args.parallel)
             r = {"rounds": run["rounds"], "phase_seconds": run["phase_seconds"],
-                 "overhead": _overhead(run, alone), **peak.as_dict()}
+                 "budget": {**budget, "strategy": strategy}, **peak.as_dict()}
             runs = {method: (r, run["akida_model"])}
         elif method == "pooled":
             with PeakMemory() as peak:
                 run = run_in_process(cfg, pooled_site(sites))
-            runs = {"pooled": ({"round_seconds": run["round_seconds"], **peak.as_dict()},
-                               run["akida_model"])}
+            runs = {"pooled": ({"round_seconds": run["round_seconds"], "budget": budget,
+                                **peak.as_dict()}, run["akida_model"])}
         else:
             runs = {}
             for s in sites:
                 t1 = time.perf_counter()
                 with PeakMemory() as peak:
                     run = run_in_process(cfg, s)
-                alone[s.site_id] = run
                 runs[f"{s.site_id} alone"] = ({"round_seconds": run["round_seconds"],
                                                "wall_seconds": time.perf_counter() - t1,
-                                               **peak.as_dict()}, run["akida_model"])
+                                               "budget": budget, **peak.as_dict()},
+                                              run["akida_model"])
         for name, (r, akida_model) in runs.items():
             r.setdefault("wall_seconds", time.perf_counter() - t0)
             r["score"] = score(akida_model, sites)
             doc["results"][name] = r
             log.info("bench %s: %s", name, r["score"]["union"])
-        for r in doc["results"].values():  # site-alone timings may arrive after a strategy
-            if "rounds" in r and alone:
-                r["overhead"] = _overhead(r, alone)
         save()
-    doc["complete"] = set(args.methods) == set(METHODS)
     save()
 
 
