@@ -142,7 +142,8 @@ def new_class_curve(arrays: Any, cfg: Any, new_class: str, shots: list[int]) -> 
         "curve": curve,
         "old_balanced_accuracy_before": classification_metrics(
             y_test[~test_new],
-            predict_classes(ak, arrays.x_test)[~test_new],
+            # the backbone keeps the original class indices (its new-class output never trained)
+            remap[predict_classes(ak, arrays.x_test)][~test_new],
             [names[i] for i in old],
         )["balanced_accuracy"],
     }
