@@ -2,74 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from common.runio import load_run
 from qanafed.cli._common import console, print_json, stdout_to_stderr
 
-#: Files of a ``qanafed model train`` folder that explain needs.
-FLOAT_FILE = "float.h5"
-QUANTIZED_FILE = "quantized.h5"
-METRICS_FILE = "metrics.json"
-
-
-def _custom_objects() -> dict[str, Any]:
-    """Project Keras objects a saved float model may contain (legacy .h5 needs them by name)."""
-    from common.models import blocks
-    from common.pact import MinValue, PACTReLU
-
-    objects: dict[str, Any] = {"PACTReLU": PACTReLU, "MinValue": MinValue}
-    for name in ("GhostFold", "SpikeReLU"):
-        if hasattr(blocks, name):
-            objects[name] = getattr(blocks, name)
-    return objects
-
-
-def load_run(model_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
-    """Load ``float.h5``, ``quantized.h5`` and ``metrics.json`` of a training output folder.
-
-    Raises
-    ------
-    ModelError
-        A file is missing or unreadable (an Akida ``model.fbz`` alone has no gradients).
-    """
-    from common.errors import ModelError
-
-    if not model_dir.is_dir():
-        raise ModelError(f"model folder {model_dir} does not exist",
-                         "pass the --out folder of `qanafed model train`")
-    for name in (FLOAT_FILE, QUANTIZED_FILE, METRICS_FILE):
-        if not (model_dir / name).is_file():
-            raise ModelError(
-                f"{model_dir} has no {name}: saliency needs the float and quantized Keras "
-                f"models ({FLOAT_FILE}, {QUANTIZED_FILE}) and {METRICS_FILE}; an Akida "
-                "model.fbz alone is not enough (Akida models have no gradients)",
-                "pass the complete output folder of `qanafed model train`",
-            )
-    try:
-        meta = json.loads((model_dir / METRICS_FILE).read_text())
-        class_names, size = list(meta["class_names"]), int(meta["size"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise ModelError(
-            f"{model_dir / METRICS_FILE} is not a training summary with class_names and size "
-            f"({err})",
-            "pass the output folder of `qanafed model train`",
-        ) from err
-    import tf_keras as keras
-    from quantizeml import load_model
-
-    try:
-        # Legacy .h5 files name custom objects by class (e.g. the GhostFold constraint).
-        with keras.utils.custom_object_scope(_custom_objects()):
-            float_model = keras.models.load_model(model_dir / FLOAT_FILE, compile=False)
-            qmodel = load_model(str(model_dir / QUANTIZED_FILE), compile_model=False)
-    except (OSError, ValueError, TypeError) as err:
-        raise ModelError(f"cannot load the Keras models in {model_dir}: {err}",
-                         "re-run `qanafed model train` to write them") from err
-    return float_model, qmodel, {**meta, "class_names": class_names, "size": size}
+__all__ = ["explain", "load_run", "register"]
 
 
 def _pick(ds: Any, model_dir: Path, n: int, seed: int) -> tuple[Any, str]:
