@@ -347,7 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calibration-samples", type=int, default=128,
                    help="calibration images per site")
     p.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx mu")
-    p.add_argument("--server-lr", type=float, default=0.01, help="FedAdam eta")
+    p.add_argument("--server-lr", type=float, default=0.03,
+                   help="FedAdam eta (0.03: see server.strategies.make_strategy)")
     p.add_argument("--tau", type=float, default=1e-3, help="FedAdam tau")
     p.add_argument("--nv-cap", type=int, default=600,
                    help="at most this many nv images at vidir_molemax (94 %% nv)")
