@@ -14,6 +14,15 @@ equalization then stores that range as a power-of-two ``range_max`` times a ``re
 ``range_max / rescaling_rate`` equals the calibrated value: α needs no power-of-two rounding.
 :func:`effective_ranges` reads it back. On Akida 1.0 the ReLU bound itself is not transferred:
 the converted layer saturates at its 4-bit output range, which is the calibrated α.
+
+Akida 1.0 parity: an Akida 1.0 layer has no clip, only saturation at its top output level.
+quantizeml clips at α aligned to the input grid of each channel, and when α *is* the calibrated
+range (what PACT makes the norm) that clip can land a rounding step below the top level's
+boundary: quantizeml then outputs 14 where Akida outputs 15 (measured: 0.6 % of the stem's
+activations, top-1 agreement 0.81 on 32 images). With the clips of such layers removed the
+same model converts bit for bit (every layer 0 mismatch, agreement 1.0 on the same images).
+:func:`release_saturating_clips` moves them out of reach (cnn2snn wants a bound on Akida 1.0
+but does not use it); the output quantizer still saturates at α.
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ log = get_logger("pact")
 
 #: Smallest α training may reach (α → 0 would silence the layer for good).
 MIN_ALPHA = 1e-2
+#: A released clip sits at this multiple of its output range (never reached before saturation).
+RELEASE_FACTOR = 2.0
 
 
 @keras.saving.register_keras_serializable(package="qanafed")
@@ -250,8 +261,48 @@ def effective_ranges(qmodel: keras.Model) -> dict[str, float]:
         quantizer = getattr(layer, "out_quantizer", None)
         if quantizer is None or type(layer).__name__ != "QuantizedReLU":
             continue
-        ratio = np.asarray(quantizer.range_max.numpy()) / np.asarray(
-            quantizer.rescaling_rate.numpy()
-        )
-        out[layer.name] = float(np.max(ratio))
+        out[layer.name] = _effective_range(quantizer)
     return out
+
+
+def _effective_range(quantizer) -> float:
+    """``range_max / rescaling_rate`` of an output quantizer (largest over channels)."""
+    ratio = np.asarray(quantizer.range_max.numpy()) / np.asarray(quantizer.rescaling_rate.numpy())
+    return float(np.max(ratio))
+
+
+def release_saturating_clips(qmodel: keras.Model) -> list[str]:
+    """Move the clip of every multi-bit quantized ReLU whose output range ends at it out of reach.
+
+    Such a clip is redundant (the output quantizer saturates at the range first) except for a
+    rounding step at the top, where it disagrees with Akida 1.0, which has no clip (see the
+    module docstring). Its ``max_value`` becomes ``RELEASE_FACTOR`` × the output range: cnn2snn
+    needs a bounded ReLU on Akida 1.0 but does not use the bound, and the output still
+    saturates at the range (α). Apply it to a quantized Akida 1.0 model after QAT and before
+    conversion; it changes the quantized model only in that rounding step, towards what the
+    Akida model computes. 1-bit (spike) layers and clips below the range are left alone.
+
+    Parameters
+    ----------
+    qmodel : tf_keras.Model
+        A quantized model (from :func:`common.quantize.quantize_model`), changed in place.
+
+    Returns
+    -------
+    list[str]
+        Names of the layers whose clip was removed.
+    """
+    released = []
+    for layer in qmodel.layers:
+        quantizer = getattr(layer, "out_quantizer", None)
+        if (type(layer).__name__ != "QuantizedReLU" or layer.max_value is None
+                or quantizer is None or int(quantizer.bitwidth) < 2):
+            continue
+        top = _effective_range(quantizer)
+        if top <= float(layer.max_value) * (1 + 1e-6):
+            layer.max_value = RELEASE_FACTOR * top
+            released.append(layer.name)
+    if released:
+        log.info("released %d saturating ReLU clips (Akida 1.0 saturates instead): %s",
+                 len(released), ", ".join(released))
+    return released
