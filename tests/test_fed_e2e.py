@@ -1,6 +1,7 @@
-"""End to end: 3 simulated sites train a tiny QANA (warm-up, federated calibration, 2 QAT rounds),
-convert it to Akida, learn on-chip (incl. a class held out of the federation) and report sealed
-metrics that the coordinator decrypts."""
+"""End to end: 3 simulated sites train a tiny QANA with PACT (warm-up,
+federated calibration, 2 QAT rounds), convert it to Akida, learn on-chip (incl. a class held out
+of the federation), write saliency overlays to their own folders and report sealed metrics that
+the coordinator decrypts."""
 
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ def test_three_sites_reach_identical_akida_models_with_sealed_reports(tmp_path):
         "timeouts": {"connect": 300, "round": 900}, "balance": "oversample",
         "edge": {"shots": 3, "neurons-per-class": 1, "new-class": "mel"},
         "metrics-key": str(keys / "metrics.pub"), "seed": 3,
+        # SGT is tested per site (test_fed_pact_sgt): with it, this 1-round backbone emitted
+        # no spikes for on-chip learning on any site (measured), which the checks below need.
+        "pact": {"enabled": True},
+        "explain-images": 2,
     })
     out = tmp_path / "run"
 
@@ -82,3 +87,26 @@ def test_three_sites_reach_identical_akida_models_with_sealed_reports(tmp_path):
                if "new_class" in m)
     md = (out / "report.md").read_text()
     assert md.count("site-") >= 3 and "new class" in md.lower()
+
+    # PACT: the global α, trained in warm-up, went through calibration into QAT and finalize
+    # with the global arrays (the hashes above match: every site rebuilt the same baked model)
+    from common.checkpoint import load_latest
+
+    alphas = {k: float(v) for k, v in load_latest(out / "checkpoints").arrays.items()
+              if k.endswith("/alpha")}
+    assert alphas and all(a != 6.0 for a in alphas.values()), alphas
+
+    # Saliency: overlays on every site's own disk, linked from report.md, never sent
+    for site in sites:
+        sal = report["saliency"][site]
+        assert sal["images"] == 2 and len(sal["files"]) == 8, sal
+        for rel in sal["files"]:
+            assert rel.startswith(f"sites/{site}/saliency/") and (out / rel).is_file()
+            assert f"({rel})" in md
+        assert set(final["sites"][site]["saliency"]) == {"images", "files", "stability"}
+        assert len(json.dumps(final["sites"][site]["saliency"])) < 4000
+    assert "## Saliency" in md
+    model_bytes = max(r["bytes_sent"] for r in report["rounds"]) // 3
+    for r in report["rounds"]:  # replies carry at most one model each, overlays never
+        assert r["bytes_received"] <= 3 * model_bytes, r["phase"]
+    assert final["bytes_received"] == 0

@@ -117,11 +117,15 @@ def test_calibration_bakes_alpha_and_a_fresh_process_rebuilds_the_same_model_for
     rebuilt = CACHE.models["quantized"].model
     n, final = site.finalize(cfg, data, {**quantized, **trained}, step=4, server_hash="",
                              out_dir=tmp_path)
+    # ... and the server converting after a resume: it rebuilds from the arrays alone
+    _, server_hash = site.akida_from_arrays(cfg, len(data.class_names),
+                                            {**quantized, **trained})
 
     # Assert: every bounded ReLU clips at the global α, in both processes
     assert bounds_at_calibration == pytest.approx(alphas, rel=1e-6)
     assert _relu_bounds(rebuilt) == bounds_at_calibration
     assert not any(k.endswith(site.PACT_KEY) for k in trained)  # α is not trained in QAT
+    assert final["akida_hash"] == server_hash
     assert np.isfinite(metrics["train_loss"])
     assert any(not np.allclose(trained[k], quantized[k]) for k in trained)
     # ... and the final round explained 2 local test images: 2 methods x float/quantized
