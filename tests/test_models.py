@@ -28,6 +28,10 @@ from common.quantize import quantize_model
 
 L = keras.layers
 VARIANTS = [v.name for v in list_variants()]
+#: Akida 1.0 variants, converted with their own stage table (qana-akida2's 59-layer table costs
+#: minutes to quantize; tests/test_convert.py converts and maps every variant at a tiny table).
+AKIDA1 = [v.name for v in list_variants() if v.akida_version == "v1"]
+EDGE_VARIANTS = [v.name for v in list_variants() if v.edge_learning]
 NAME_RE = re.compile(r"^(input|stem_|s\d+_|sct_|head_)")
 
 
@@ -43,7 +47,7 @@ def tiny(name: str, **kw) -> keras.Model:
     return create_model(name, **args)
 
 
-def test_registry_lists_the_three_targets():
+def test_registry_lists_the_three_targets_and_the_baseline():
     # Execute
     infos = {v.name: v for v in list_variants()}
     # Assert
@@ -55,6 +59,20 @@ def test_registry_lists_the_three_targets():
     assert flt.target == "float" and not flt.convertible
     assert 64 in akd.allowed_sizes and 224 not in akd.allowed_sizes
     assert 224 in flt.allowed_sizes
+    base = infos["akidanet-akd1000"]
+    assert (base.target, base.akida_version, base.edge_learning) == ("akd1000", "v1", True)
+    assert (base.input_bits, base.weight_bits, base.activation_bits) == (8, 4, 4)
+    assert base.allowed_sizes == akd.allowed_sizes
+    assert {s.block for s in base.stages} == {"conv", "sep"}
+
+
+def test_baseline_is_within_25_percent_of_qana_akd1000_parameters():
+    # Execute
+    counts = {name: create_model(name, input_size=48, num_classes=7).count_params()
+              for name in ("qana-akd1000", "akidanet-akd1000")}
+    # Assert: the numbers quoted in the akidanet_akd1000 docstring
+    assert counts == {"qana-akd1000": 556_551, "akidanet-akd1000": 619_623}
+    assert abs(counts["akidanet-akd1000"] / counts["qana-akd1000"] - 1) <= 0.25
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -98,6 +116,7 @@ def test_depth_and_width_change_the_model(name):
     ("name", "size", "needle"),
     [
         ("qana-akd1000", 224, "14×14 > 12×12"),
+        ("akidanet-akd1000", 224, "14×14 > 12×12"),
         ("qana-akd1000", 32, "2×2"),
         ("qana-akida2", 48, "power-of-two"),
         ("qana-float", 50, "multiple of the total stride 16"),
@@ -131,6 +150,15 @@ def test_bad_arguments_echo_the_value():
         create_model("qana-akd1000", depth=0)
     with pytest.raises(ModelError, match="attention='eca'"):
         create_model("qana-akd1000", stages=(StageSpec(32, stride=1, attention="eca"),),
+                     input_size=16)
+    with pytest.raises(ModelError, match="residual=True"):
+        create_model("akidanet-akd1000", stages=(StageSpec(32, stride=1, residual=True),),
+                     input_size=16)
+    with pytest.raises(ModelError, match=r"block='ghost'[\s\S]*\['sep', 'conv'\]"):
+        create_model("akidanet-akd1000", stages=(StageSpec(32, stride=1, block="ghost"),),
+                     input_size=16)
+    with pytest.raises(ModelError, match="block='sep'"):
+        create_model("qana-akd1000", stages=(StageSpec(32, stride=1, block="sep"),),
                      input_size=16)
 
 
@@ -177,15 +205,30 @@ def test_akd1000_model_starts_in_exact_ghost_form():
     assert np.all(cheap[ghost_mask(cheap.shape) == 0] == 0)
 
 
-def test_akd1000_model_is_sequential_with_a_spike_generator():
+@pytest.mark.parametrize("name", EDGE_VARIANTS)
+def test_akd1000_model_is_sequential_with_a_spike_generator(name):
     # Execute
-    model = tiny("qana-akd1000")
+    model = tiny(name)
     # Assert
     assert all(inbound_count(layer) <= 1 for layer in model.layers)
     assert not any(isinstance(layer, (L.Add, L.Concatenate, L.Multiply)) for layer in model.layers)
     assert isinstance(model.get_layer("head_spike"), SpikeReLU)
     assert model.layers[-1].name == "head_dense"
-    check_convertible(model, "qana-akd1000")
+    check_convertible(model, name)
+
+
+def test_baseline_is_akidanet_style():
+    # Execute
+    model = tiny("akidanet-akd1000")
+    # Assert: plain 3×3 convolutions first, then separable blocks, each BN + ReLU(6)
+    assert type(model.get_layer("stem_conv")) is L.Conv2D
+    assert type(model.get_layer("s2_b1")) is L.Conv2D
+    assert type(model.get_layer("s3_b0")) is L.SeparableConv2D
+    assert model.get_layer("s4_b0").strides == (2, 2) and model.get_layer("s2_b1").strides == (1, 1)
+    relu = model.get_layer("s3_b0_relu")
+    assert isinstance(relu, L.ReLU) and float(relu.max_value) == 6.0
+    assert not any("ghost" in layer.name for layer in model.layers)
+    assert model.get_layer("head_conv").input_shape[1:3] == (3, 3)  # 48 px / 16
 
 
 def test_spike_generator_trains_as_the_1bit_step_it_becomes():
@@ -252,3 +295,47 @@ def test_cli_model_list_json():
     akd = next(r for r in rows if r["name"] == "qana-akd1000")
     assert akd["edge_learning"] is True and akd["stages"][0]["channels"] == 32
     assert 64 in akd["allowed_sizes"]
+
+
+@pytest.fixture(scope="module", params=AKIDA1)
+def converted(request):
+    """(info, quantized, Akida model, images) of each Akida 1.0 variant, tiny, own stage table."""
+    from common.akida_exact import convert_exact
+
+    info = get_variant(request.param)
+    keras.backend.clear_session()
+    size = info.allowed_sizes[0]
+    images = np.random.default_rng(0).integers(0, 256, (12, size, size, 3), dtype=np.uint8)
+    qmodel = quantize_model(tiny(info.name), info, images, batch_size=12)
+    return info, qmodel, convert_exact(qmodel, info), images
+
+
+def test_akida1_variant_converts_bit_exactly_and_maps_in_one_pass(converted):
+    from common.edge import map_model
+    from common.parity import check_parity
+
+    info, qmodel, ak_model, images = converted
+    # Execute
+    parity = check_parity(qmodel, ak_model, images, per_layer=False)
+    mapping = map_model(ak_model, "akd1000")
+    # Assert
+    assert tuple(ak_model.output_shape) == (1, 1, 3)
+    assert parity.top1_agreement == 1.0 and parity.max_abs_logit_diff < 1e-3
+    assert mapping.passes == 1 and 0 < mapping.nps_used <= mapping.nps_available == 78
+
+
+def test_akida1_variant_learns_on_chip_from_its_spikes(converted):
+    from common.edge import learn, predict_classes, prepare_edge_learning
+
+    info, _, ak_model, images = converted
+    assert info.edge_learning
+    labels = np.arange(len(images)) % 2
+    # Execute
+    edge = prepare_edge_learning(ak_model, 2, images)
+    untrained = edge.layers[-1].get_variable("weights").copy()
+    learn(edge, images, labels)
+    pred = predict_classes(edge, images)
+    # Assert: the head learned (binary weights changed) from 1-bit spikes, and predicts classes
+    assert edge.layers[-2].name == "head_conv" and edge.layers[-2].parameters.act_bits == 1
+    assert not np.array_equal(edge.layers[-1].get_variable("weights"), untrained)
+    assert pred.shape == (len(images),) and set(pred) <= {0, 1}

@@ -1,6 +1,11 @@
 """QANA model family: variant registry, builders and Akida compatibility checks."""
 
-from common.models import qana_akd1000, qana_akida2, qana_float  # noqa: F401  (registration)
+from common.models import (  # noqa: F401  (registration)
+    akidanet_akd1000,
+    qana_akd1000,
+    qana_akida2,
+    qana_float,
+)
 from common.models.blocks import (
     HEAD_DENSE,
     SPIKE_LAYER,

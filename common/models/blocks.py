@@ -331,3 +331,23 @@ def stem(inputs, channels: int):
     """Rescaling(1/255) absorbed by Akida's input quantizer, then a 3×3 stride-2 conv block."""
     x = L.Rescaling(1.0 / 255.0, name="stem_rescale")(inputs)
     return conv_bn_act(x, channels, 3, "stem_conv", stride=2)
+
+
+def spike_head(x, channels: int, num_classes: int):
+    """Akida 1.0 head with a learnable-layer-ready spike generator.
+
+    SeparableConv2D ``head_conv`` → BN ``head_bn`` → GAP ``head_pool`` → :class:`SpikeReLU`
+    ``head_spike`` (:data:`SPIKE_LAYER`) → Dense ``head_dense`` (:data:`HEAD_DENSE`): the
+    pattern Akida 1.0 converts (SepConv → BN → GAP → ReLU → Dense). The spike generator is
+    trained as the 1-bit step it becomes on the chip (swapped for a 1-bit-quantized
+    ``ReLU(max 1)`` at quantization), so on-chip learning can replace the Dense head.
+    """
+    x = L.SeparableConv2D(channels, 3, padding="same", use_bias=False, name="head_conv")(x)
+    # beta starts at the 0.5 spike threshold, so about half the channels fire from the start.
+    x = L.BatchNormalization(
+        momentum=0.9, epsilon=1e-3, beta_initializer=keras.initializers.Constant(0.5),
+        name="head_bn",
+    )(x)
+    x = L.GlobalAveragePooling2D(name="head_pool")(x)
+    x = SpikeReLU(name=SPIKE_LAYER)(x)
+    return L.Dense(num_classes, name=HEAD_DENSE)(x)

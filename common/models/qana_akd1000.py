@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import tf_keras as keras
 
-from common.errors import ModelError
 from common.models.blocks import (
-    HEAD_DENSE,
-    SPIKE_LAYER,
-    SpikeReLU,
     conv_bn_act,
     ghost_folded,
     init_ghost_folds,
     scale_channels,
+    spike_head,
     stem,
 )
-from common.models.registry import StageSpec, VariantInfo, register_model
+from common.models.registry import StageSpec, VariantInfo, register_model, resolve_blocks
 
 L = keras.layers
 
@@ -53,14 +50,7 @@ def qana_akd1000(
     seed: int = 0,
 ) -> keras.Model:
     """Build the Akida 1.0 QANA: stem, Ghost stages, SepConv→BN→GAP→spike→Dense head."""
-    for i, stage in enumerate(stages, 1):
-        if stage.residual or stage.attention:
-            raise ModelError(
-                f"stage {i} of {info.name} asks for residual={stage.residual}, "
-                f"attention={stage.attention!r}: Akida 1.0 graphs are strictly sequential "
-                "(no Add/Concatenate/Multiply)",
-                "use residual=False, attention=None, or the qana-akida2 variant",
-            )
+    resolve_blocks(info, stages, ("ghost",))
     inputs = L.Input((input_size, input_size, 3), name="input")
     channels = scale_channels(info.stem_channels, width)
     x = stem(inputs, channels)
@@ -71,21 +61,9 @@ def qana_akd1000(
         for b in range(stage.blocks):
             x = ghost_folded(x, out, f"s{i}_b{b}")
         channels = out
-    # Spike-compatible transformation and projection head (the pattern Akida 1.0 converts:
-    # SepConv → BN → GAP → ReLU → Dense). The spike generator is trained as the 1-bit step it
-    # becomes on the chip (SpikeReLU, swapped for a 1-bit-quantized ReLU(max 1) at quantization).
-    x = L.SeparableConv2D(
-        scale_channels(info.head_channels, width), 3, padding="same", use_bias=False,
-        name="head_conv",
-    )(x)
-    # beta starts at the 0.5 spike threshold, so about half the channels fire from the start.
-    x = L.BatchNormalization(
-        momentum=0.9, epsilon=1e-3, beta_initializer=keras.initializers.Constant(0.5),
-        name="head_bn",
-    )(x)
-    x = L.GlobalAveragePooling2D(name="head_pool")(x)
-    x = SpikeReLU(name=SPIKE_LAYER)(x)
-    outputs = L.Dense(num_classes, name=HEAD_DENSE)(x)
+    # Spike-compatible transformation and projection head, ending in the 1-bit spikes
+    # on-chip learning needs.
+    outputs = spike_head(x, scale_channels(info.head_channels, width), num_classes)
     model = keras.Model(inputs, outputs, name=info.name.replace("-", "_"))
     init_ghost_folds(model, seed)
     return model

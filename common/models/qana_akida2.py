@@ -16,7 +16,7 @@ from common.models.blocks import (
     se_additive,
     stem,
 )
-from common.models.registry import StageSpec, VariantInfo, register_model
+from common.models.registry import StageSpec, VariantInfo, register_model, resolve_blocks
 
 L = keras.layers
 
@@ -63,6 +63,7 @@ def build_graph(
     spike-compatible transformation ``se`` (prefix ``sct``); head 1×1 conv → BN → ``act`` →
     GAP → Dense.
     """
+    resolve_blocks(info, stages, ("ghost",))
     inputs = L.Input((input_size, input_size, 3), name="input")
     channels = scale_channels(info.stem_channels, width)
     x = stem(inputs, channels)

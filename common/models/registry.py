@@ -41,6 +41,9 @@ class StageSpec:
         ``"eca"`` for spatially-aware ECA after each block, None for none.
     residual : bool (default: False)
         Whether each block is a residual Ghost bottleneck (needs Add: not on Akida 1.0).
+    block : str | None (default: None)
+        Block type: ``"ghost"`` (QANA), ``"conv"`` (3×3 convolution) or ``"sep"`` (3×3
+        separable convolution, AkidaNet); None means the variant's own default block.
     """
 
     channels: int
@@ -48,6 +51,7 @@ class StageSpec:
     stride: int = 2
     attention: str | None = None
     residual: bool = False
+    block: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,36 @@ def allowed_sizes(target: Target, stages: Sequence[StageSpec], se: bool = False)
             continue
         sizes.append(size)
     return tuple(sizes)
+
+
+def resolve_blocks(
+    info: VariantInfo, stages: Sequence[StageSpec], allowed: tuple[str, ...]
+) -> tuple[str, ...]:
+    """Return each stage's block type, ``allowed[0]`` where a stage leaves it None.
+
+    Raises
+    ------
+    ModelError
+        A block type the variant does not build, or (on Akida 1.0) a residual or attention
+        stage, which needs Add/Multiply.
+    """
+    blocks = []
+    for i, stage in enumerate(stages, 1):
+        if info.akida_version == "v1" and (stage.residual or stage.attention):
+            raise ModelError(
+                f"stage {i} of {info.name} asks for residual={stage.residual}, "
+                f"attention={stage.attention!r}: Akida 1.0 graphs are strictly sequential "
+                "(no Add/Concatenate/Multiply)",
+                "use residual=False, attention=None, or the qana-akida2 variant",
+            )
+        block = stage.block or allowed[0]
+        if block not in allowed:
+            raise ModelError(
+                f"stage {i} of {info.name} asks for block={stage.block!r}",
+                f"use one of {list(allowed)} (or None for {allowed[0]!r})",
+            )
+        blocks.append(block)
+    return tuple(blocks)
 
 
 def register_model(info: VariantInfo) -> Callable[[Builder], Builder]:
