@@ -1,5 +1,6 @@
 """Centralized training pipeline and `qanafed model train/evaluate` on tiny synthetic data."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -144,3 +145,86 @@ def test_everything_dropped_by_quality_filter_is_a_clear_error(tmp_path):
     )
     with pytest.raises(DataError, match="dropped all 12 images"):
         prepare_arrays(dark, tiny_config())
+
+
+# --- PACT and SGT in the training pipeline (issue 6) -------------------------------------
+
+PIPE_DATA = "synthetic:n=160,size=48,sites=2,seed=5"
+
+
+@pytest.fixture(scope="module")
+def pipe_arrays():
+    return prepare_arrays(load_dataset(PIPE_DATA), tiny_config(balance="none"))[0]
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [({"sgt_mask_fraction": 0.0}, "sgt_mask_fraction=0.0"),
+     ({"sgt_mask_fraction": 1.2}, "sgt_mask_fraction=1.2"),
+     ({"pact_alpha_init": 0.0}, "pact_alpha_init=0.0"),
+     ({"pact_alpha_init": -2.0}, "pact_alpha_init=-2.0"),
+     ({"pact_l2": -1e-4}, "pact_l2=-0.0001"),
+     ({"sgt_kl_weight": -1.0}, "sgt_kl_weight=-1.0")],
+)
+def test_pact_and_sgt_options_are_validated_with_the_value_echoed(options, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**options)
+
+
+def test_train_cli_refuses_a_bad_mask_fraction_before_loading_data(tmp_path):
+    result = CliRunner().invoke(app, [
+        "model", "train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"),
+        "--sgt", "--sgt-mask-fraction", "1.2",
+    ])
+    assert isinstance(result.exception, ConfigError)
+    assert "sgt_mask_fraction=1.2" in str(result.exception)
+
+
+def test_pact_alpha_is_learned_baked_and_is_the_quantized_relu_bound(pipe_arrays):
+    # Prepare
+    from common.pact import PACTReLU, effective_ranges
+    from common.train import quantize_and_qat, train_float
+
+    cfg = tiny_config(epochs=1, qat_epochs=0, lr=1e-2, pact=True, pact_alpha_init=1.0,
+                      pact_l2=1e-3, calibration_samples=64)
+    # Execute
+    model, record = train_float(pipe_arrays, cfg)
+    qmodel, _ = quantize_and_qat(model, pipe_arrays, cfg)
+    # Assert: α moved; the float model handed on is plain ReLU(max_value=α); the quantized
+    # ReLU clips at α and its 4-bit range is the calibrated maximum, at most α (= α once it
+    # saturates on the calibration images)
+    alphas = record["pact_alphas"]
+    assert len(alphas) >= 10
+    assert all(abs(a - 1.0) > 1e-4 for a in alphas.values()), alphas
+    assert not any(isinstance(layer, PACTReLU) for layer in model.layers)
+    ranges = effective_ranges(qmodel)
+    saturated = 0
+    for name, alpha in alphas.items():
+        assert model.get_layer(name).max_value == pytest.approx(alpha)
+        assert qmodel.get_layer(name).max_value == pytest.approx(alpha)
+        assert ranges[name] <= alpha * 1.02, name
+        saturated += ranges[name] == pytest.approx(alpha, rel=0.02)
+    assert saturated >= 1, (alphas, ranges)
+
+
+def test_sgt_in_float_training_adds_exactly_the_kl_term(pipe_arrays):
+    # Prepare: with kl_weight 0 the SGT loss is the plain cross-entropy, so the trainable
+    # weights must follow plain training step for step; with kl_weight 1 they must not.
+    from common.train import train_float
+
+    base = tiny_config(epochs=1, qat_epochs=0, lr=1e-2)
+
+    def trained(**kw):
+        model, record = train_float(pipe_arrays, dataclasses.replace(base, **kw))
+        return [w.numpy() for w in model.trainable_weights], record
+
+    # Execute
+    plain, _ = trained()
+    kl_off, _ = trained(sgt=True, sgt_kl_weight=0.0, sgt_mask_fraction=0.2)
+    kl_on, record = trained(sgt=True, sgt_kl_weight=1.0, sgt_mask_fraction=0.2)
+    # Assert
+    for a, b in zip(plain, kl_off, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert any(not np.allclose(a, b, rtol=1e-4, atol=1e-5)
+               for a, b in zip(plain, kl_on, strict=True))
+    assert np.isfinite(record["history"][0]["loss"])
