@@ -237,13 +237,15 @@ def import_cost(repeats: int) -> dict[str, Any]:
     code = ("import resource; from deploy.warm_exec import warm_up; s = warm_up(); "
             "print(s, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     seconds, rss = [], []
+    load = os.getloadavg()[0]
     for _ in range(repeats):
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              timeout=300, check=True)
         s, kb = res.stdout.split()[-2:]
         seconds.append(float(s))
         rss.append(int(kb) / 1024)
-    return {"seconds": seconds, "mean_s": float(np.mean(seconds)), "max_rss_mb": max(rss)}
+    return {"seconds": seconds, "mean_s": float(np.mean(seconds)), "max_rss_mb": max(rss),
+            "load": load}
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -326,13 +328,18 @@ def markdown(doc: dict[str, Any]) -> str:
         verdict = "met" if warm["target_met"] else "**not met**"
         lines.append(f"- Target ≤ {TARGET}× (default `warm` vs simulation, all rounds): "
                      f"{warm['ratio_total']:.2f}× — {verdict}.")
+    missing = [m for m in MODES if m not in present]
+    if missing:
+        lines.append(f"- Not measured in this run: {', '.join(missing)}.")
     imp = doc.get("import_cost")
     if imp:
         lines.append(
             f"- ClientApp start-up per message: `subprocess` imports TensorFlow, QANA and the "
             f"ClientApp in every fresh `flwr-clientapp`: {imp['mean_s']:.1f} s "
             f"(n={len(imp['seconds'])}, {min(imp['seconds']):.1f}–{max(imp['seconds']):.1f} s, "
-            f"{imp['max_rss_mb']:.0f} MB RSS), then loads the data and builds/traces the model "
+            f"{imp['max_rss_mb']:.0f} MB RSS"
+            + (f", load {imp['load']:.1f}" if "load" in imp else "")
+            + "), then loads the data and builds/traces the model "
             "again; `warm-fork` pays the import once per site (a fork per message) but still "
             "rebuilds data and model; `warm` pays all of it once per site ("
             + "; ".join(doc.get("executor_lines", [])[:1]) + ").")
