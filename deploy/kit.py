@@ -186,12 +186,17 @@ class SiteKit:
         return self.config.superlink
 
     def node_config(self) -> dict[str, str]:
-        """Return the node config (site-id, data-path, metrics-public-key, device)."""
+        """Return the node config (site-id, data-path, metrics-public-key, device, out-dir).
+
+        ``out-dir`` (``<kit>/out``) is where the site keeps what never leaves it, such as the
+        saliency overlays of its own images.
+        """
         return {
             "site-id": self.config.site,
             "data-path": str(self.data),
             "metrics-public-key": str(self.metrics_public_key),
             "device": self.config.device,
+            "out-dir": str(self.dir / "out"),
         }
 
 

@@ -124,7 +124,8 @@ def test_every_kit_validates(kits):
     assert coord.superlink_address == f"{ADDRESS}:8000"
     assert site.node_config() == {
         "site-id": "a", "data-path": str(tmp / "data" / "a"),
-        "metrics-public-key": str(out / "sites/a/metrics.pub"), "device": "akd1000"}
+        "metrics-public-key": str(out / "sites/a/metrics.pub"), "device": "akd1000",
+        "out-dir": str(out / "sites/a/out")}
 
 
 def test_rerun_unchanged_project_changes_nothing(copy, kits):
