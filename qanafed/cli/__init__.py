@@ -7,7 +7,7 @@ import logging
 import typer
 
 from qanafed import __version__
-from qanafed.cli import coord, data, model, provision, sim, site
+from qanafed.cli import coord, data, model, model_study, provision, sim, site
 
 app = typer.Typer(
     name="qanafed",
@@ -16,6 +16,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(data.app, name="data")
+model_study.register(model.app)
 app.add_typer(model.app, name="model")
 app.add_typer(site.app, name="site")
 app.add_typer(coord.app, name="coord")
