@@ -249,6 +249,45 @@ def exact_thresholds(qmodel: keras.Model, ak_model: akida.Model) -> list[Thresho
     return reports
 
 
+def restore_weights_after_spikes(qmodel: keras.Model, ak_model: akida.Model) -> list[str]:
+    """Give each layer fed by a 1-bit layer the quantized model's integer weights again.
+
+    When a layer's activation step exceeds 65535 cnn2snn clamps it and floor-divides the next
+    layer's weights to compensate (``fix_v1_activation_variables``). After a 1-bit layer the
+    step does not matter (a spike is a spike) but the division still truncates the weights;
+    on full-width models the spike layer's step exceeds the limit and the classifier's logits
+    drift by 1–3. Writing the quantized integer weights back removes that drift.
+
+    Returns
+    -------
+    list[str]
+        The Akida layers whose weights were restored (changed or not).
+    """
+    names = {layer.name for layer in qmodel.layers}
+    restored = []
+    layers = list(ak_model.layers)
+    for prev, layer in zip(layers, layers[1:], strict=False):
+        try:
+            spikes = bool(prev.parameters.activation) and int(prev.parameters.act_bits) == 1
+        except (ValueError, AttributeError):
+            continue
+        if not spikes or layer.name not in names:
+            continue
+        quantizer = getattr(qmodel.get_layer(layer.name), "weight_quantizer", None)
+        qweights = getattr(quantizer, "qweights", None)
+        if qweights is None or "weights" not in layer.get_variable_names():
+            continue
+        current = np.asarray(layer.variables["weights"])
+        values = np.asarray(qweights.value.values).astype(current.dtype)
+        if values.size != current.size:
+            log.warning("%s: quantized weights %s do not fit Akida's %s; left as converted",
+                        layer.name, values.shape, current.shape)
+            continue
+        layer.variables["weights"] = values.reshape(current.shape)
+        restored.append(layer.name)
+    return restored
+
+
 def convert_exact(qmodel: keras.Model, variant: str | VariantInfo) -> akida.Model:
     """Convert ``qmodel`` so that the Akida model reproduces it bit for bit (Akida 1.0).
 
@@ -271,4 +310,5 @@ def convert_exact(qmodel: keras.Model, variant: str | VariantInfo) -> akida.Mode
     ak_model = convert_model(qmodel, info)
     if info.akida_version == "v1":
         exact_thresholds(qmodel, ak_model)
+        restore_weights_after_spikes(qmodel, ak_model)
     return ak_model
