@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import ConfigError
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
-VARIANTS = ("qana-akd1000", "qana-akida2", "qana-float")
+VARIANTS = ("qana-akd1000", "qana-akida2", "qana-float", "akidanet-akd1000")
 SCHEMES = ("natural", "iid", "dirichlet")
 
 
@@ -49,7 +49,8 @@ class ModelConfig(_Section):
     Parameters
     ----------
     variant : str (default: "qana-akd1000")
-        One of ``qana-akd1000``, ``qana-akida2``, ``qana-float``.
+        One of ``qana-akd1000``, ``qana-akida2``, ``qana-float``, ``akidanet-akd1000``
+        (the AkidaNet-style baseline).
     size : int (default: 64)
         Input side in pixels.
     width : float (default: 1.0)
@@ -58,7 +59,9 @@ class ModelConfig(_Section):
         Ghost blocks per stage; None keeps the variant's stage table.
     """
 
-    variant: Literal["qana-akd1000", "qana-akida2", "qana-float"] = "qana-akd1000"
+    variant: Literal["qana-akd1000", "qana-akida2", "qana-float", "akidanet-akd1000"] = (
+        "qana-akd1000"
+    )
     size: int = Field(64, ge=8, le=512)
     width: float = Field(1.0, gt=0, le=4)
     depth: int | None = Field(None, ge=1, le=8)
@@ -88,7 +91,7 @@ class StrategyConfig(_Section):
         ``fedavg``, ``fedprox`` or ``fedadam`` (Flower's message-based strategies).
     proximal-mu : float (default: 0.0)
         FedProx proximal term weight, applied in each site's local loss.
-    server-lr : float (default: 0.01)
+    server-lr : float (default: 0.03)
         FedAdam server learning rate (eta).
     server-lr-local : float (default: 1.0)
         FedAdam ``eta_l`` (client learning rate seen by the server update).
@@ -98,7 +101,7 @@ class StrategyConfig(_Section):
 
     name: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
     proximal_mu: float = Field(0.0, ge=0)
-    server_lr: float = Field(1e-2, gt=0)
+    server_lr: float = Field(3e-2, gt=0)
     server_lr_local: float = Field(1.0, gt=0)
     tau: float = Field(1e-3, gt=0)
 

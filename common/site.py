@@ -560,7 +560,9 @@ def finalize(
     }
     if cfg.explain_images > 0:
         report["saliency"] = explain_locally(cfg, data, local.model, out_dir, seed)
-    if cfg.model.variant == "qana-akd1000":
+    from .models import get_variant
+
+    if get_variant(cfg.model.variant).edge_learning:
         report.update(_edge_report(cfg, data, akida_model, pred, seed))
     return len(data.y_train), report
 
