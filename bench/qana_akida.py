@@ -194,7 +194,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--sizes", type=int, nargs="+", default=[64])
     p.add_argument(
-        "--variants", nargs="+", default=[v.name for v in list_variants() if v.convertible]
+        "--variants", nargs="*", default=[v.name for v in list_variants() if v.convertible]
+    )
+    p.add_argument(
+        "--curve",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Run the qana-akd1000 new-class shot curve (default: when qana-akd1000 is run).",
     )
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--qat-epochs", type=int, default=3)
@@ -238,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
             log.info("=== %s at %d px", variant, size)
             results.append(run_variant(arrays, cfg))
             print(json.dumps(results[-1], indent=1, default=str)[:2000])
-        if "qana-akd1000" in args.variants and args.new_class in arrays.class_names:
+        curve = args.curve if args.curve is not None else "qana-akd1000" in args.variants
+        if curve and args.new_class in arrays.class_names:
             cfg = dataclasses.replace(base, variant="qana-akd1000")
             curves.append(
                 {"size": size, **new_class_curve(arrays, cfg, args.new_class, args.shots)}
