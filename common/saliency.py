@@ -10,10 +10,7 @@ pass is piecewise constant; the backward pass sees the float weights and the cli
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+from common.atomic import atomic_dir
 from common.errors import ConfigError, DataError
 from common.log import get_logger
 
@@ -399,9 +397,7 @@ def explain(
         return class_names[c] if class_names is not None else int(c)
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         summary: dict[str, Any] = {
             "n_images": len(x),
             "size": int(x.shape[1]),
@@ -447,21 +443,5 @@ def explain(
             for i in range(len(x))
         ]
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %d overlays and summary.json to %s", 2 * len(x) * len(methods), out_dir)
     return summary
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out``, replacing an existing ``out`` last."""
-    if out.exists():
-        backup = out.with_name(f".{out.name}.old")
-        shutil.rmtree(backup, ignore_errors=True)
-        os.replace(out, backup)
-        os.replace(tmp, out)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_dir
 from .errors import ConfigError, DataError, ModelError
 from .log import get_logger
 from .metrics import classification_metrics
@@ -446,9 +445,7 @@ def write_study(out: str | Path, study: dict[str, Any], split: Any = None) -> Pa
         The output folder.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / "study.json").write_text(json.dumps(study, indent=2, default=_json_default))
         md = [
             f"# PTQ vs QAT study: {study['variant']} at {study['size']} px",
@@ -466,16 +463,5 @@ def write_study(out: str | Path, study: dict[str, Any], split: Any = None) -> Pa
         (tmp / "study.md").write_text("\n".join(md))
         if split is not None:
             split.save(tmp / "split.json")
-        if out.exists():
-            backup = out.with_name(f".{out.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            out.rename(backup)
-            tmp.rename(out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %s", out)
     return out

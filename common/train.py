@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -13,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_dir
 from .dataset import LesionDataset
 from .errors import ConfigError, DataError, ModelError
 from .log import get_logger
@@ -617,26 +616,13 @@ def write_run(
     from .convert import save_akida
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_akida(result["akida_model"], tmp / "model.fbz")
         save_model(result["quantized_model"], str(tmp / "quantized.h5"))
         result["float_model"].save(tmp / "float.h5")
         (tmp / "metrics.json").write_text(json.dumps(payload, indent=2, default=_json_default))
         if split is not None:
             split.save(tmp / "split.json")
-        if out.exists():
-            backup = out.with_name(f".{out.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            out.rename(backup)
-            tmp.rename(out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -147,6 +144,7 @@ def _split_shots(
 
 def _write_out(out: Path, model: akida.Model, record: dict[str, Any], force: bool) -> None:
     """Write model.fbz and learn.json into a temp folder, then rename it to ``out``."""
+    from common.atomic import atomic_dir
     from common.edge import save_model_atomic
     from common.errors import ConfigError
 
@@ -155,25 +153,10 @@ def _write_out(out: Path, model: akida.Model, record: dict[str, Any], force: boo
             f"output folder {str(out)!r} already exists and is not empty",
             "choose another --out or pass --force to replace it",
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_model_atomic(model, tmp / "model.fbz")
         record["model_sha256"] = _sha256(tmp / "model.fbz")
         (tmp / "learn.json").write_text(json.dumps(record, indent=2) + "\n")
-        umask = os.umask(0)  # mkdtemp made it 0700; give it the usual permissions
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-        if out.exists():
-            old = out.with_name(f".{out.name}-old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def learn_command(
