@@ -291,7 +291,9 @@ def restore_weights_after_spikes(qmodel: keras.Model, ak_model: akida.Model) -> 
 def convert_exact(qmodel: keras.Model, variant: str | VariantInfo) -> akida.Model:
     """Convert ``qmodel`` so that the Akida model reproduces it bit for bit (Akida 1.0).
 
-    On Akida 1.0 this applies :func:`pow2_output_scales` to ``qmodel`` **in place** (so
+    On Akida 1.0 this releases ReLU clips that sit at their output range
+    (:func:`common.pact.release_saturating_clips`; PACT puts them there) and applies
+    :func:`pow2_output_scales` to ``qmodel`` **in place** (so
     evaluate ``qmodel`` after this call), converts with :func:`common.convert.convert_model`
     and fixes the thresholds with :func:`exact_thresholds`. Other targets are converted as
     they are.
@@ -303,9 +305,11 @@ def convert_exact(qmodel: keras.Model, variant: str | VariantInfo) -> akida.Mode
     """
     from common.convert import convert_model
     from common.models import get_variant
+    from common.pact import release_saturating_clips
 
     info = get_variant(variant)
     if info.akida_version == "v1":
+        release_saturating_clips(qmodel)  # PACT's clips sit at the range: Akida saturates
         pow2_output_scales(qmodel)
     ak_model = convert_model(qmodel, info)
     if info.akida_version == "v1":
