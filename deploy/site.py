@@ -155,7 +155,7 @@ def _children(kit: SiteKit, isolation: Isolation, paths: SitePaths) -> list[Chil
 def start_site(
     kit_dir: str | Path,
     foreground: bool = False,
-    isolation: Isolation = "warm",
+    isolation: Isolation = "warm-fork",
     policy: RestartPolicy | None = None,
 ) -> dict[str, Any]:
     """Check the kit, data and port, then run the site's SuperNode under a supervisor.
@@ -167,9 +167,10 @@ def start_site(
     foreground : bool (default: False)
         Run the supervisor in this process until SIGTERM (systemd, ``start.sh``); otherwise
         start it detached and return.
-    isolation : str (default: "warm")
-        See :data:`ISOLATIONS`; ``warm`` saves the TensorFlow import, the data loading and the
-        model build per message.
+    isolation : str (default: "warm-fork")
+        See :data:`ISOLATIONS`; ``warm-fork`` saves the TensorFlow import per message;
+        ``warm`` also the data loading and model build, but a task left waiting on a run the
+        coordinator abandoned (coordinator killed mid-round) blocks it until restarted.
     policy : RestartPolicy | None (default: None)
         Restart policy (default :class:`RestartPolicy`).
 

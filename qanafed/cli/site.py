@@ -21,9 +21,12 @@ def start(
     foreground: Annotated[bool, typer.Option(
         "--foreground", help="Run in this process until stopped (systemd, start.sh).")] = False,
     isolation: Annotated[str, typer.Option(
-        "--isolation", help="warm (default): one long-lived executor that imported TensorFlow "
-        "once runs every message, data and model cached; warm-fork: it forks per message; "
-        "subprocess: a fresh ClientApp process per message (flwr's default).")] = "warm",
+        "--isolation", help="warm-fork (default): one long-lived executor that imported "
+        "TensorFlow once forks per message; warm: it runs every message itself, data and model "
+        "cached (fastest; a message of a run the coordinator abandoned blocks it until the site "
+        "restarts); subprocess: a fresh ClientApp process per message (flwr's default).")] = (
+        "warm-fork"
+    ),
 ) -> None:
     """Check the kit and data, then start the SuperNode (restarted on crash)."""
     from common.errors import ConfigError
