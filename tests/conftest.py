@@ -22,6 +22,18 @@ def ham_dir() -> Path:
     return HAM_DIR
 
 
+@pytest.fixture
+def flower_task_identity() -> None:
+    """Give this process a Flower task identity, as Flower's simulation entry does.
+
+    Building a ``flwr.app.Message`` outside a running app needs one.
+    """
+    from flwr.supercore.task_identity import TaskIdentity
+
+    if TaskIdentity._run_id is None:
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
 #: Data of the one tiny trained run the training, evaluation and saliency tests share.
 TINY_RUN_DATA = "synthetic:n=240,size=48,sites=3,seed=3"
 

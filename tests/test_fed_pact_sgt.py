@@ -57,14 +57,12 @@ def _relu_bounds(qmodel) -> dict[str, float]:
             if type(layer).__name__ == "QuantizedReLU" and layer.name != "head_spike"}
 
 
-def test_warmup_trains_alpha_and_fedavg_averages_it_like_any_weight(cfg, data, initial):
-    from flwr.supercore.task_identity import TaskIdentity
-
+def test_warmup_trains_alpha_and_fedavg_averages_it_like_any_weight(
+    cfg, data, initial, flower_task_identity
+):
     from server.strategies import aggregate, make_strategy
 
-    # Prepare: messages need a task identity (Flower's simulation entry sets it the same way)
-    if TaskIdentity._run_id is None:
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    # Prepare
     other = site.data_of(cfg, 1, None)
     start = _alphas(initial)
     assert start and set(start.values()) == {0.5}

@@ -22,12 +22,8 @@ BETA_1, BETA_2 = 0.9, 0.99
 
 
 @pytest.fixture(autouse=True)
-def _task_identity():
-    # Messages need a task identity; Flower's Python simulation entry sets it the same way.
-    from flwr.supercore.task_identity import TaskIdentity
-
-    if TaskIdentity._run_id is None:
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+def _task_identity(flower_task_identity):
+    """Every test here builds Flower messages."""
 
 
 def _reply(arrays: dict[str, np.ndarray], n: int) -> Message:
