@@ -36,7 +36,6 @@ from .train import (
     predict_akida,
     predict_keras,
     quantize_and_qat,
-    release_pact_clips,
     train_float,
     variant_with_bits,
 )
@@ -304,9 +303,8 @@ def _quantized_arm(
                   "model scored")
     else:
         try:
-            if cfg.pact:
-                release_pact_clips(qmodel, info)
-            # Akida 1.0: rescales qmodel in place (bit-exact conversion); scored after it.
+            # Akida 1.0: releases PACT's clips and rescales qmodel in place (bit-exact
+            # conversion); scored after it.
             ak_model = convert_exact(qmodel, info)
         except ModelError as err:
             reason = f"conversion refused: {err.problem}"

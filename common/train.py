@@ -502,27 +502,6 @@ def quantize_and_qat(
     return qmodel, record
 
 
-def release_pact_clips(qmodel: Any, variant: Any) -> list[str]:
-    """On Akida 1.0, drop quantized ReLU clips that sit at their output range (PACT's α).
-
-    Akida 1.0 saturates at the top 4-bit level and has no clip; a clip at the calibrated
-    range only differs from that saturation by a rounding step, which breaks bit-exact
-    conversion (:func:`common.pact.release_saturating_clips`). Call it before
-    ``convert_exact``; other targets are left as they are.
-
-    Returns
-    -------
-    list[str]
-        The layers whose clip was removed.
-    """
-    from .models import get_variant
-    from .pact import release_saturating_clips
-
-    if get_variant(variant).akida_version != "v1":
-        return []
-    return release_saturating_clips(qmodel)
-
-
 def variant_with_bits(variant: str, bits: int | None) -> Any:
     """Return the variant's ``VariantInfo`` with weights and activations at ``bits``.
 
@@ -568,12 +547,10 @@ def train_and_convert(
     training: dict[str, Any] = {"float": float_record}
     qmodel, q_record = quantize_and_qat(model, arrays, cfg, progress)
     training.update(q_record)
-    if cfg.pact:
-        release_pact_clips(qmodel, cfg.variant)
 
-    # On Akida 1.0 this re-aligns the quantized weights to power-of-two scales (in place) and
-    # sets exact thresholds: the quantized model is scored after it, and the Akida model
-    # reproduces it bit for bit.
+    # On Akida 1.0 this releases ReLU clips at their range (PACT), re-aligns the quantized
+    # weights to power-of-two scales (in place) and sets exact thresholds: the quantized model
+    # is scored after it, and the Akida model reproduces it bit for bit.
     ak_model = convert_exact(qmodel, cfg.variant)
     parity = check_parity(qmodel, ak_model, arrays.x_test, min_agreement=cfg.min_agreement)
     names = arrays.class_names
