@@ -10,7 +10,8 @@ What is compared
   Keras tensor ending the same block (the Keras layer that shares the Akida layer's name,
   followed along its single-outbound chain: activation, pooling). Layers whose Keras output
   is not a fixed-point tensor (e.g. a QFloat with per-channel scales) or whose truncated Akida
-  model cannot be built are listed with ``compared=False`` and the reason.
+  model cannot be built are listed with ``compared=False`` and the reason. The per-layer pass
+  uses the first ``layer_images`` images (64 by default); top-1 and logits use all of them.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class ParityReport:
     mean_abs_logit_diff: float
     min_agreement: float
     layers: list[LayerParity] = field(default_factory=list)
+    #: How many of the images the per-layer comparison used (the first ones).
+    n_layer_images: int = 0
 
     @property
     def passed(self) -> bool:
@@ -147,6 +150,7 @@ def check_parity(
     min_agreement: float = 0.99,
     strict: bool = False,
     per_layer: bool = True,
+    layer_images: int | None = 64,
 ) -> ParityReport:
     """Measure how closely the Akida model reproduces the quantized Keras model.
 
@@ -164,6 +168,10 @@ def check_parity(
         Raise ModelError when the report fails.
     per_layer : bool (default: True)
         Also compare integer outputs layer by layer (slower: one truncated Akida model each).
+    layer_images : int | None (default: 64)
+        Compare layers on the first this many images only (None: all). The per-layer pass
+        runs one truncated Akida model per layer and holds every Keras intermediate output,
+        so on a large test split at 128 px it would cost more than the whole conversion.
 
     Returns
     -------
@@ -188,13 +196,15 @@ def check_parity(
     k_logits = _keras_logits(qmodel, images)
     a_logits = np.asarray(ak_model.predict(images), dtype=np.float32).reshape(len(images), -1)
     diff = np.abs(k_logits - a_logits)
+    layer_batch = images if layer_images is None else images[:layer_images]
     report = ParityReport(
         n_images=len(images),
         top1_agreement=float(np.mean(k_logits.argmax(1) == a_logits.argmax(1))),
         max_abs_logit_diff=float(diff.max()),
         mean_abs_logit_diff=float(diff.mean()),
         min_agreement=min_agreement,
-        layers=_layer_parity(qmodel, ak_model, images) if per_layer else [],
+        layers=_layer_parity(qmodel, ak_model, layer_batch) if per_layer else [],
+        n_layer_images=len(layer_batch) if per_layer else 0,
     )
     log.info("parity on %d images: top-1 agreement %.4f, max |dlogit| %.4g",
              report.n_images, report.top1_agreement, report.max_abs_logit_diff)

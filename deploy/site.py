@@ -32,6 +32,7 @@ from deploy.process import (
 )
 
 __all__ = [
+    "DEFAULT_ISOLATION",
     "ISOLATIONS",
     "SitePaths",
     "site_paths",
@@ -44,13 +45,14 @@ __all__ = [
 log = get_logger("deploy.site")
 
 #: How a site runs its ClientApp (see deploy/README.md for the measurements behind the default):
-#: ``warm`` (default): ``flower-supernode --isolation process`` plus one long-lived qanafed
-#: executor that imported TensorFlow once and runs every message in-process, keeping the site's
-#: data and compiled models cached between messages. ``warm-fork``: the same executor, but it
+#: ``warm``: ``flower-supernode --isolation process`` plus one long-lived qanafed executor that
+#: imported TensorFlow once and runs every message in-process, keeping the site's data and
+#: compiled models cached between messages. ``warm-fork`` (default): the same executor, but it
 #: forks itself per message (imports shared, data and model rebuilt). ``subprocess``: flwr's
 #: default, a fresh ``flwr-clientapp`` process (and TensorFlow import) per message.
 ISOLATIONS = ("warm", "warm-fork", "subprocess")
 Isolation = Literal["warm", "warm-fork", "subprocess"]
+DEFAULT_ISOLATION: Isolation = "warm-fork"
 _EXECUTOR_MODE = {"warm": "inprocess", "warm-fork": "fork"}
 RUNTIME_HOST = "127.0.0.1"
 
@@ -155,7 +157,7 @@ def _children(kit: SiteKit, isolation: Isolation, paths: SitePaths) -> list[Chil
 def start_site(
     kit_dir: str | Path,
     foreground: bool = False,
-    isolation: Isolation = "warm-fork",
+    isolation: Isolation = DEFAULT_ISOLATION,
     policy: RestartPolicy | None = None,
 ) -> dict[str, Any]:
     """Check the kit, data and port, then run the site's SuperNode under a supervisor.

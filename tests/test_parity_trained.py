@@ -63,6 +63,8 @@ def test_akida_reproduces_the_trained_quantized_model_bit_for_bit(trained):
     assert {layer.name: layer.mismatch_fraction for layer in compared} == {
         layer.name: 0.0 for layer in compared}
     assert report.top1_agreement == 1.0
+    assert report.n_images == len(x)
+    assert report.n_layer_images == min(64, len(x))  # layers on a prefix, logits on all
     assert report.max_abs_logit_diff < 1e-4
     assert result["parity"].top1_agreement == 1.0
     m = result["metrics"]
