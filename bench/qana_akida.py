@@ -226,6 +226,28 @@ def main(argv: list[str] | None = None) -> None:
     ds = load_dataset(args.data)
     results, curves = [], []
     t0 = time.time()
+    out = Path(args.out)
+    prev = json.loads(out.read_text()) if args.merge and out.exists() else {}
+
+    def record() -> dict[str, Any]:
+        """Merge with earlier runs' other variants/sizes and write the JSON (after every row,
+        so a run stopped later keeps what it measured)."""
+        mine = {(r["variant"], r["size"]) for r in results}
+        done = {c["size"] for c in curves}
+        doc = {
+            "machine": machine(),
+            "data": args.data,
+            "args": vars(args),
+            "results": [r for r in prev.get("results", [])
+                        if (r["variant"], r["size"]) not in mine] + results,
+            "edge_new_class": [c for c in prev.get("edge_new_class", [])
+                               if c["size"] not in done] + curves,
+            "wall_seconds": time.time() - t0,
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=2, default=str))
+        return doc
+
     for size in args.sizes:
         base = TrainConfig(
             size=size,
@@ -243,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
             cfg = dataclasses.replace(base, variant=variant)
             log.info("=== %s at %d px", variant, size)
             results.append(run_variant(arrays, cfg))
+            record()
             print(json.dumps(results[-1], indent=1, default=str)[:2000])
         curve = args.curve if args.curve is not None else "qana-akd1000" in args.variants
         if curve and args.new_class in arrays.class_names:
@@ -250,25 +273,9 @@ def main(argv: list[str] | None = None) -> None:
             curves.append(
                 {"size": size, **new_class_curve(arrays, cfg, args.new_class, args.shots)}
             )
-    out = Path(args.out)
-    if args.merge and out.exists():  # keep earlier runs' other variants/sizes
-        prev = json.loads(out.read_text())
-        mine = {(r["variant"], r["size"]) for r in results}
-        results = [
-            r for r in prev.get("results", []) if (r["variant"], r["size"]) not in mine
-        ] + results
-        done = {c["size"] for c in curves}
-        curves = [c for c in prev.get("edge_new_class", []) if c["size"] not in done] + curves
-    doc = {
-        "machine": machine(),
-        "data": args.data,
-        "args": vars(args),
-        "results": results,
-        "edge_new_class": curves,
-        "wall_seconds": time.time() - t0,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2, default=str))
+            record()
+    doc = record()
+    results, curves = doc["results"], doc["edge_new_class"]
     md = [
         f"`python -m bench.qana_akida` ({time.strftime('%Y-%m-%d %H:%M')}), data "
         f"`{Path(args.data).name}`, lesion-grouped test split, {args.epochs} float + "
