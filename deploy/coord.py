@@ -31,6 +31,7 @@ from deploy.process import (
     read_pid,
     read_state,
     require_free_port,
+    require_not_running,
     spawn_background,
     stop_pid,
     wait_for_port,
@@ -259,12 +260,8 @@ def start_coordinator(
     """
     kit = validate_coordinator_kit(kit_dir)
     paths = coord_paths(kit.dir)
-    running = read_pid(paths.pid_file)
-    if running is not None:
-        raise ConfigError(
-            f"the coordinator is already running (pid {running}, {paths.pid_file})",
-            f"stop it first: qanafed coord stop --kit {kit.dir}",
-        )
+    require_not_running(paths.pid_file, "the coordinator",
+                        f"qanafed coord stop --kit {kit.dir}")
     require_free_port(kit.config.bind_host, kit.config.port, "SuperLink port",
                       kit.dir / COORDINATOR_YAML)
     paths.run_dir.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ __all__ = [
     "read_pid",
     "read_state",
     "require_free_port",
+    "require_not_running",
     "spawn_background",
     "stop_pid",
     "wait_for_port",
@@ -170,6 +171,24 @@ def read_pid(pid_file: str | Path) -> int | None:
         return pid
     path.unlink(missing_ok=True)
     return None
+
+
+def require_not_running(pid_file: str | Path, what: str, stop_command: str) -> None:
+    """Refuse to start ``what`` twice: raise ConfigError if ``pid_file`` names a live process.
+
+    Parameters
+    ----------
+    pid_file : str | Path
+        The daemon's pid file.
+    what : str
+        What is starting, for the message (e.g. ``"site a"``).
+    stop_command : str
+        The command that stops the running one, for the fix.
+    """
+    running = read_pid(pid_file)
+    if running is not None:
+        raise ConfigError(f"{what} is already running (pid {running}, {pid_file})",
+                          f"stop it first: {stop_command}")
 
 
 def read_state(state_file: str | Path) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from deploy.process import (
     read_pid,
     read_state,
     require_free_port,
+    require_not_running,
     spawn_background,
     stop_pid,
 )
@@ -187,16 +188,10 @@ def start_site(
     ConfigError, SecurityError, DataError
         A bad kit, data path, or a runtime port in use — naming the file and the fix.
     """
-    from common.errors import ConfigError
-
     kit = validate_site_kit(kit_dir, check_data=True)
     paths = site_paths(kit.dir)
-    running = read_pid(paths.pid_file)
-    if running is not None:
-        raise ConfigError(
-            f"site {kit.site_id} is already running (pid {running}, {paths.pid_file})",
-            f"stop it first: qanafed site stop --kit {kit.dir}",
-        )
+    require_not_running(paths.pid_file, f"site {kit.site_id}",
+                        f"qanafed site stop --kit {kit.dir}")
     require_free_port(RUNTIME_HOST, kit.config.runtime_port, "SuperNode runtime-port",
                       kit.dir / SITE_YAML)
     info = {"site": kit.site_id, "superlink": kit.superlink, "fingerprint": kit.fingerprint,

@@ -68,6 +68,26 @@ def test_coordinator_port_in_use_is_refused(kits: Path) -> None:
     assert "port 18990" in err.value.problem and "coordinator.yaml" in err.value.problem
 
 
+def test_a_second_start_of_a_running_site_or_coordinator_is_refused(kits: Path) -> None:
+    from deploy.coord import coord_paths, start_coordinator
+    from deploy.site import site_paths, start_site
+
+    for start, paths, kit, stop in (
+        (start_site, site_paths, kits / "sites" / "a", "qanafed site stop"),
+        (start_coordinator, coord_paths, kits / "coordinator", "qanafed coord stop"),
+    ):
+        pid_file = paths(kit).pid_file
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        pid_file.write_text(f"{os.getpid()}\n")  # a live process holds the pid file
+        try:
+            with pytest.raises(ConfigError) as err:
+                start(kit)
+        finally:
+            pid_file.unlink()
+        assert f"pid {os.getpid()}" in err.value.problem
+        assert "already running" in err.value.problem and stop in err.value.fix
+
+
 def test_missing_data_path_is_refused(kits: Path, tmp_path: Path) -> None:
     from deploy.site import start_site
 
