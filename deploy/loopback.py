@@ -8,7 +8,6 @@ they share. Nothing here is needed on a real site.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -21,6 +20,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from common.progress import read_events
 from deploy.process import kill_tree
 
 __all__ = [
@@ -131,10 +131,7 @@ def wait_for(what: str, check: Callable[[], T], timeout: float, poll: float = 0.
 
 def events(progress: Path) -> list[dict[str, Any]]:
     """Return the events a run wrote to its ``progress.jsonl`` so far."""
-    if not progress.exists():
-        return []
-    return [json.loads(line) for line in progress.read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    return read_events(progress)[0]
 
 
 def has_event(progress: Path, **match: Any) -> bool:

@@ -18,6 +18,7 @@ from common.checkpoint import Checkpoint, load_latest, save_checkpoint
 from common.errors import SecurityError
 from common.fedconfig import FedConfig
 from common.log import get_logger
+from common.progress import append_event
 from common.site import pact_arrays
 
 from . import protocol as P
@@ -146,9 +147,7 @@ class FederatedRun:
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def _event(self, **event: Any) -> None:
-        event["time"] = time.time()
-        with open(self.progress_file, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(event) + "\n")
+        event = append_event(self.progress_file, **event)
         if self.on_event is not None:
             self.on_event(event)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated
@@ -49,14 +48,10 @@ def stop(kit: Kit) -> None:
 
 def _follow(progress: Path, offset: int, done: list[bool]) -> int:
     """Print the driver's new progress events; return the new offset."""
-    if not progress.exists():
-        return offset
-    with open(progress, encoding="utf-8") as fh:
-        fh.seek(offset)
-        lines = fh.readlines()
-        offset = fh.tell()
-    for line in lines:
-        ev = json.loads(line)
+    from common.progress import read_events
+
+    new, offset = read_events(progress, offset)
+    for ev in new:
         kind = ev.get("event")
         if kind == "start":
             console.log(f"run {ev['run_id']}: {ev['total']} rounds, {ev['done']} done before")

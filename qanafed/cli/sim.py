@@ -39,33 +39,30 @@ def _follow(path: Path, stop: threading.Event, total_hint: int) -> None:
     """Show the driver's progress events (``progress.jsonl``) as a rich progress bar."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from common.progress import read_events
+
     offset = path.stat().st_size if path.exists() else 0
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
                   "{task.total} rounds"), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("waiting for sites", total=total_hint)
         while not stop.is_set():
-            if path.exists():
-                with open(path, encoding="utf-8") as fh:
-                    fh.seek(offset)
-                    lines = fh.readlines()
-                    offset = fh.tell()
-                for line in lines:
-                    ev = json.loads(line)
-                    kind = ev.get("event")
-                    if kind == "start":
-                        bar.update(task, total=ev["total"], completed=ev["done"])
-                    elif kind == "sites":
-                        bar.update(task, description=f"sites: {', '.join(ev['sites'])}")
-                    elif kind == "round-start":
-                        bar.update(task, description=f"round {ev['step']}: {ev['phase']} "
-                                   f"{ev['index']}")
-                    elif kind == "round-end":
-                        bar.advance(task)
-                        s = ev.get("summary") or {}
-                        ba = s.get("test.balanced_accuracy") or s.get("akida.balanced_accuracy")
-                        console.log(f"round {ev['step']} {ev['phase']}: {ev['replies']} replies, "
-                                    f"{ev['dropped']} dropped, {ev['seconds']} s"
-                                    + (f", bal. acc. {ba:.3f}" if ba is not None else ""))
+            new, offset = read_events(path, offset)
+            for ev in new:
+                kind = ev.get("event")
+                if kind == "start":
+                    bar.update(task, total=ev["total"], completed=ev["done"])
+                elif kind == "sites":
+                    bar.update(task, description=f"sites: {', '.join(ev['sites'])}")
+                elif kind == "round-start":
+                    bar.update(task, description=f"round {ev['step']}: {ev['phase']} "
+                               f"{ev['index']}")
+                elif kind == "round-end":
+                    bar.advance(task)
+                    s = ev.get("summary") or {}
+                    ba = s.get("test.balanced_accuracy") or s.get("akida.balanced_accuracy")
+                    console.log(f"round {ev['step']} {ev['phase']}: {ev['replies']} replies, "
+                                f"{ev['dropped']} dropped, {ev['seconds']} s"
+                                + (f", bal. acc. {ba:.3f}" if ba is not None else ""))
             time.sleep(0.5)
 
 
