@@ -16,6 +16,11 @@ once and runs flwr's own SuperExec loop (``run_superexec``) with one of two exec
   nor its end can stop the loop. A task that raises is reported failed to the SuperNode and the
   executor goes on. When the process outgrows ``--max-rss-mb`` after a task, it re-executes
   itself between tasks (same pid, fresh interpreter), so memory cannot grow without bound.
+  Two guards keep one task from holding the executor: the SIGINT that flwr's task heartbeat
+  raises when the SuperNode no longer knows the task (its run was stopped or abandoned) ends
+  that task only; and a task still running after ``--task-timeout`` seconds makes the
+  executor re-execute itself (a thread cannot be killed; the fresh interpreter takes the next
+  task, and the SuperNode sees the abandoned task's heartbeat stop).
 * :class:`ForkExecutor` (``--mode fork``, ``--isolation warm-fork``) forks this warm process for
   each task; the child runs ``run_clientapp`` and exits, so nothing survives a message except
   the imported modules (the data and model are rebuilt every time).
@@ -32,19 +37,23 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from common.log import get_logger
 
-__all__ = ["MODES", "ForkExecutor", "InProcessExecutor", "main", "rss_mb", "warm_up"]
+__all__ = ["MODES", "ForkExecutor", "InProcessExecutor", "TaskStopped", "main", "rss_mb",
+           "warm_up"]
 
 log = get_logger("deploy.warm_exec")
 
 MODES = ("inprocess", "fork")
 #: Default ``--max-rss-mb``: re-execute the in-process executor above this resident size.
 DEFAULT_MAX_RSS_MB = 3072.0
+#: Default ``--task-timeout`` (s): a task running longer is abandoned by re-executing.
+DEFAULT_TASK_TIMEOUT_S = 3600.0
 
 
 def rss_mb() -> float:
@@ -77,6 +86,17 @@ class _TaskEnded(Exception):
         self.code = code
 
 
+class TaskStopped(Exception):
+    """SIGINT during an in-process task: the SuperNode stopped it (flwr's task heartbeat)."""
+
+
+def _reexec() -> None:
+    """Replace this process by a fresh interpreter running the same command (same pid)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
 class InProcessExecutor(_ExecutorBase):
     """Run each ClientApp task in this process, one after another; survive any task.
 
@@ -88,12 +108,20 @@ class InProcessExecutor(_ExecutorBase):
     run_task : Callable[[Any], int] | None (default: None)
         What runs one task spec and returns its exit code; default flwr's ``run_clientapp``
         with in-process exit semantics (:meth:`run_clientapp`).
+    task_timeout : float | None (default: DEFAULT_TASK_TIMEOUT_S)
+        Seconds a task may run; past that the executor re-executes itself. None: no limit.
+    on_timeout : Callable[[], None] | None (default: None)
+        What the watchdog does when a task overruns (default: re-execute this process).
     """
 
     def __init__(self, max_rss_mb: float | None = DEFAULT_MAX_RSS_MB,
-                 run_task: Callable[[Any], int] | None = None) -> None:
+                 run_task: Callable[[Any], int] | None = None,
+                 task_timeout: float | None = DEFAULT_TASK_TIMEOUT_S,
+                 on_timeout: Callable[[], None] | None = None) -> None:
         self.max_rss_mb = max_rss_mb
         self.run_task = run_task or self.run_clientapp
+        self.task_timeout = task_timeout
+        self.on_timeout = on_timeout or _reexec
         self.tasks = 0
         self.failures = 0
         self.rss_after: list[float] = []
@@ -104,13 +132,25 @@ class InProcessExecutor(_ExecutorBase):
         from flwr.supercore.superexec.executor.types import LaunchResult
 
         start = time.monotonic()
+        watchdog = self._watchdog(spec)
+        saved_sigint = self._stop_task_on_sigint()
         try:
             code = self.run_task(spec)
+        except TaskStopped:
+            log.warning("task %s: stopped by the SuperNode (its run was stopped or abandoned) "
+                        "after %.1f s; taking the next task", spec.task_id,
+                        time.monotonic() - start)
+            self.failures += 1
+            return LaunchResult.accepted()
         except Exception as err:  # noqa: BLE001 - one task must never end the executor
             log.exception("task %s: the in-process ClientApp failed", spec.task_id)
             self.failures += 1
             return LaunchResult.failed(f"{type(err).__name__}: {err}")
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            if saved_sigint is not None:
+                signal.signal(signal.SIGINT, saved_sigint)
             self.tasks += 1
             gc.collect()
             self.rss_after.append(rss_mb())
@@ -123,6 +163,38 @@ class InProcessExecutor(_ExecutorBase):
                         "before the next task", self.rss_after[-1], self.max_rss_mb)
             self.recycle = True
         return LaunchResult.accepted()
+
+    def _watchdog(self, spec) -> threading.Timer | None:
+        """Start the timer that abandons ``spec`` if it overruns ``task_timeout``."""
+        if self.task_timeout is None:
+            return None
+
+        def overrun() -> None:
+            log.error("task %s still running after --task-timeout %.0f s: re-executing the "
+                      "ClientApp executor to take the next task", spec.task_id,
+                      self.task_timeout)
+            self.on_timeout()
+
+        timer = threading.Timer(self.task_timeout, overrun)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    @staticmethod
+    def _stop_task_on_sigint() -> Any:
+        """For the task's duration, SIGINT raises TaskStopped; return the handler to restore.
+
+        flwr's task heartbeat raises SIGINT when the SuperNode answers that the task is no
+        longer valid; in a ``flwr-clientapp`` process that ends the process, here it must end
+        the task only. Only the main thread may set handlers (None returned elsewhere).
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def stop(_signum: int, _frame: Any) -> None:
+            raise TaskStopped("SIGINT during the task")
+
+        return signal.signal(signal.SIGINT, stop)
 
     @staticmethod
     def run_clientapp(spec) -> int:
@@ -173,9 +245,7 @@ class InProcessExecutor(_ExecutorBase):
     def reconcile(self) -> None:
         """Between tasks: re-execute this process if the last task left it too big."""
         if self.recycle:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+            _reexec()
 
     def close(self) -> None:
         """Nothing to stop: a running task ends with the process."""
@@ -272,6 +342,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-rss-mb", type=float, default=DEFAULT_MAX_RSS_MB,
                         help="inprocess: re-execute above this resident size, in MB "
                         "(0: never; default %(default)g).")
+    parser.add_argument("--task-timeout", type=float, default=DEFAULT_TASK_TIMEOUT_S,
+                        help="inprocess: re-execute when a task runs longer than this, in s "
+                        "(0: no limit; default %(default)g).")
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="Exit when this process exits.")
     args = parser.parse_args(argv)
@@ -284,7 +357,8 @@ def main(argv: list[str] | None = None) -> None:
 
     executor: InProcessExecutor | ForkExecutor
     if args.mode == "inprocess":
-        executor = InProcessExecutor(args.max_rss_mb or None)
+        executor = InProcessExecutor(args.max_rss_mb or None,
+                                     task_timeout=args.task_timeout or None)
     else:
         executor = ForkExecutor()
     print(f"qanafed warm ClientApp executor ({args.mode}): imports took {seconds:.1f} s; "

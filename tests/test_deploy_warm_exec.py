@@ -107,6 +107,63 @@ def test_an_oversized_executor_reexecutes_itself_between_tasks(tmp_path: Path) -
     assert res.stdout.strip() == "re-executed True"
 
 
+def test_the_heartbeats_sigint_ends_the_task_not_the_executor() -> None:
+    # Prepare: flwr's task heartbeat raises SIGINT (from its own thread) when the SuperNode
+    # no longer knows the task, e.g. after the coordinator abandoned the run
+    import time
+
+    before = signal.getsignal(signal.SIGINT)
+    ran: list[int] = []
+
+    def run_task(spec) -> int:
+        if spec.task_id == 1:
+            threading.Thread(target=signal.raise_signal, args=(signal.SIGINT,)).start()
+            time.sleep(30)  # interrupted by the handler
+        ran.append(spec.task_id)
+        return 0
+
+    executor = InProcessExecutor(max_rss_mb=None, run_task=run_task, task_timeout=None)
+
+    # Execute
+    t0 = time.monotonic()
+    stopped = executor.launch(_spec(1))
+    after = executor.launch(_spec(2))
+
+    # Assert: the first task ended early, the executor took the next, SIGINT is as before
+    assert time.monotonic() - t0 < 10
+    assert stopped.status == "accepted" and after.status == "accepted"
+    assert ran == [2] and (executor.tasks, executor.failures) == (2, 1)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_task_past_its_timeout_reexecutes_the_executor(tmp_path: Path) -> None:
+    # Prepare: a task that never ends, a 1 s task timeout, the default action (re-execute)
+    marker = tmp_path / "first-pid"
+    code = (
+        "import os, pathlib, sys, time\n"
+        f"marker = pathlib.Path({str(marker)!r})\n"
+        "if marker.exists():\n"
+        "    print('re-executed', marker.read_text() == str(os.getpid())); sys.exit(0)\n"
+        "marker.write_text(str(os.getpid()))\n"
+        "from deploy.warm_exec import InProcessExecutor\n"
+        "from flwr.supercore.superexec.executor.types import ExecutionSpec\n"
+        "spec = ExecutionSpec('flwr-clientapp', '127.0.0.1:9', 'token', True, None, False,\n"
+        "                     None, False, 1)\n"
+        "ex = InProcessExecutor(max_rss_mb=None, run_task=lambda spec: time.sleep(60),\n"
+        "                       task_timeout=1.0)\n"
+        "ex.launch(spec)\n"
+        "print('task ended by itself')\n"
+    )
+
+    # Execute
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=50, cwd=Path(__file__).resolve().parents[1])
+
+    # Assert: the hung task was abandoned by a fresh interpreter under the same pid
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "re-executed True"
+
+
 def test_site_isolation_modes_choose_the_executor(tmp_path: Path) -> None:
     # Prepare: a provisioned site kit
     from deploy.kit import validate_site_kit
