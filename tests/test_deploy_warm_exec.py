@@ -118,7 +118,9 @@ def test_the_heartbeats_sigint_ends_the_task_not_the_executor() -> None:
     def run_task(spec) -> int:
         if spec.task_id == 1:
             threading.Thread(target=signal.raise_signal, args=(signal.SIGINT,)).start()
-            time.sleep(30)  # interrupted by the handler
+            for _ in range(300):  # a training loop; the handler runs between its steps
+                time.sleep(0.1)  # (raise() delivers to the heartbeat's thread, so a single
+                # long C call in the main thread would only be interrupted when it returns)
         ran.append(spec.task_id)
         return 0
 
