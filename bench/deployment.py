@@ -349,8 +349,7 @@ def markdown(doc: dict[str, Any]) -> str:
             "again; `warm-fork` pays the import once per site (a fork per message) but still "
             "rebuilds data and model; `warm` pays all of it once per site ("
             + "; ".join(doc.get("executor_lines", [])[:1]) + ").")
-    rec_mode = next((m for m in DEPLOY_MODES if "recovery_site_s" in modes.get(m, {})), None)
-    if rec_mode:
+    for rec_mode in [m for m in DEPLOY_MODES if "recovery_site_s" in modes.get(m, {})]:
         rec = modes[rec_mode]
         lines.append(
             f"- Recovery (`{rec_mode}`): a site's SuperNode killed → re-activated at the SuperLink "
@@ -382,6 +381,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--qat", type=int, default=1)
     p.add_argument("--no-recovery", action="store_true", help="skip the kill/restart drills")
+    p.add_argument("--recovery-modes", nargs="+", choices=DEPLOY_MODES, default=None,
+                   help="modes that run the kill/restart drills (default: the default "
+                   "isolation)")
     p.add_argument("--import-repeats", type=int, default=3)
     p.add_argument("--merge", default=None,
                    help="an earlier deployment.json whose modes not run now are kept")
@@ -416,6 +418,7 @@ def main(argv: list[str] | None = None) -> None:
         out.write_text(json.dumps(doc, indent=1, default=str))
         update_section(Path(args.results_md), SECTION, markdown(doc))
 
+    recovery_modes = args.recovery_modes or [DEFAULT_ISOLATION]
     fed = None
     for mode in args.modes:
         log.info("bench: %s", mode)
@@ -426,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
                 if fed is None:
                     fed = Federation(work, write_partitions(work / "data", sc["data"], 3))
                 res = run_deployment(fed, scenario_file, mode, work / f"run-{mode}",
-                                     recovery=(mode == DEFAULT_ISOLATION
+                                     recovery=(mode in recovery_modes
                                                and not args.no_recovery))
                 doc["modes"][mode] = res
                 if res.get("executor_log"):
