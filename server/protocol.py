@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,15 +29,55 @@ SITE_ID = "site-id"
 ENVELOPE = "envelope"
 
 
+#: Keys of a packed ArrayRecord: all arrays' bytes in one Array, and what they are.
+PACKED, MANIFEST = "packed", "manifest"
+
+
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Pack named numpy arrays into an ArrayRecord (keys kept, order kept)."""
-    # np.ascontiguousarray would turn 0-d arrays (per-tensor ranges) into shape (1,).
-    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
+    """Pack named numpy arrays into an ArrayRecord of two Arrays (keys, order, dtypes kept).
+
+    Flower sends every Array of a message as objects of its own, each pulled and pushed with
+    a request of its own at every hop (ServerApp, SuperLink, SuperNode, ClientApp); a QANA
+    model has ~70 tensors, so one round moved ~140 objects each way. Packed, it is a few.
+    :func:`from_record` (and :func:`unpack_replies` before a strategy averages) undo it.
+    """
+    manifest, chunks = [], []
+    for k, v in arrays.items():
+        # np.ascontiguousarray would turn 0-d arrays (per-tensor ranges) into shape (1,).
+        a = np.asarray(v, order="C")
+        manifest.append([k, a.dtype.str, list(a.shape)])
+        chunks.append(a.tobytes())
+    data = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+    header = np.frombuffer(json.dumps(manifest).encode("utf-8"), dtype=np.uint8)
+    return ArrayRecord({MANIFEST: Array(header.copy()), PACKED: Array(data.copy())})
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """Unpack an ArrayRecord into named numpy arrays."""
-    return {k: v.numpy() for k, v in record.items()}
+    """Unpack an ArrayRecord (packed by :func:`to_record`, or one Array per key)."""
+    if set(record.keys()) != {MANIFEST, PACKED}:
+        return {k: v.numpy() for k, v in record.items()}
+    manifest = json.loads(record[MANIFEST].numpy().tobytes().decode("utf-8"))
+    data = record[PACKED].numpy().tobytes()
+    out, offset = {}, 0
+    for key, dtype, shape in manifest:
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        out[key] = np.frombuffer(data, dtype=dt, count=count, offset=offset).reshape(shape).copy()
+        offset += count * dt.itemsize
+    if offset != len(data):
+        raise ValueError(f"packed arrays: manifest covers {offset} of {len(data)} bytes")
+    return out
+
+
+def unpack_replies(replies: list[Message]) -> None:
+    """Replace each reply's packed ArrayRecord by one Array per key, in place.
+
+    Flower's strategies average key by key, so they must see the named arrays.
+    """
+    for m in replies:
+        if ARRAYS in m.content:
+            m.content[ARRAYS] = ArrayRecord(
+                {k: Array(v) for k, v in from_record(m.content[ARRAYS]).items()})
 
 
 def request_content(

@@ -14,7 +14,7 @@ from common.errors import ConfigError
 from common.fedconfig import StrategyConfig
 from common.weights import is_statistic
 
-from .protocol import ARRAYS, CONFIG, NUM_EXAMPLES, from_record
+from .protocol import ARRAYS, CONFIG, NUM_EXAMPLES, from_record, unpack_replies
 
 #: Checkpoint group holding the server optimizer's step count (see :func:`strategy_state`).
 STEPS_GROUP = "server-opt"
@@ -132,6 +132,7 @@ def aggregate(
         New values of the returned keys.
     """
     replies = list(replies)
+    unpack_replies(replies)
     keys = list(replies[0].content[ARRAYS].keys())
     server_round = step
     if isinstance(strategy, FedOpt):

@@ -84,3 +84,41 @@ def test_scalar_arrays_keep_their_shape_through_a_record():
     arrays = {"q/range_max": np.asarray(np.float32(2.5)), "w": np.ones((2, 3), np.float32)}
     back = P.from_record(P.to_record(arrays))
     assert back["q/range_max"].shape == () and back["w"].shape == (2, 3)
+
+
+def test_a_model_travels_as_a_few_objects_and_comes_back_exactly():
+    # Prepare: ~70 tensors of mixed dtypes and shapes, as a QANA model's exchange
+    rng = np.random.default_rng(0)
+    arrays = {f"block{i}/kernel": rng.normal(size=(3, 3, 4, i + 1)).astype(np.float32)
+              for i in range(35)}
+    arrays |= {f"block{i}/range_max": np.asarray(np.float32(i)) for i in range(34)}
+    arrays["steps"] = np.asarray([7], np.int64)
+    # Execute
+    record = P.to_record(arrays)
+    back = P.from_record(record)
+    # Assert: two Arrays on the wire, every array back with its name, dtype, shape and values
+    assert len(record) == 2
+    assert list(back) == list(arrays)
+    for k, v in arrays.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape
+        np.testing.assert_array_equal(back[k], v)
+    assert P.record_nbytes(P.request_content(arrays, {})) >= sum(v.nbytes for v in arrays.values())
+
+
+def test_replies_are_unpacked_for_the_strategy_to_average_by_key(flower_task_identity):
+    from flwr.app import Message, RecordDict
+
+    from common.fedconfig import StrategyConfig
+    from server.strategies import aggregate, make_strategy
+
+    arrays = [{"w": np.full((2, 2), x, np.float32), "b": np.asarray(np.float32(x))}
+              for x in (1.0, 3.0)]
+    replies = []
+    for i, a in enumerate(arrays):
+        request = Message(RecordDict(), dst_node_id=i + 1, message_type=P.WARMUP)
+        replies.append(P.reply_of(request, P.reply_content(a, 10 * (i + 1), f"s{i}", b"x")))
+    # Execute: FedAvg weighted 10:20
+    out = aggregate(make_strategy(StrategyConfig()), 1, replies, arrays[0])
+    # Assert
+    np.testing.assert_allclose(out["w"], np.full((2, 2), (1 * 10 + 3 * 20) / 30))
+    assert out["b"].shape == () and float(out["b"]) == pytest.approx(7 / 3)
