@@ -26,12 +26,9 @@ def read_events(path: str | Path, offset: int = 0) -> tuple[list[dict[str, Any]]
     path = Path(path)
     if not path.exists():
         return [], offset
-    with open(path, encoding="utf-8") as fh:
+    with open(path, "rb") as fh:
         fh.seek(offset)
-        text = fh.read()
-    complete, _, _partial = text.rpartition("\n")
-    if not complete and not text.endswith("\n"):
-        return [], offset
-    lines = complete.splitlines()
-    new_offset = offset + len((complete + "\n").encode("utf-8"))
-    return [json.loads(line) for line in lines if line.strip()], new_offset
+        data = fh.read()
+    end = data.rfind(b"\n") + 1  # 0: no complete line yet
+    lines = data[:end].decode("utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()], offset + end
