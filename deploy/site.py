@@ -172,8 +172,8 @@ def start_site(
         start it detached and return.
     isolation : str (default: "warm-fork")
         See :data:`ISOLATIONS`; ``warm-fork`` saves the TensorFlow import per message;
-        ``warm`` also the data loading and model build, but a task left waiting on a run the
-        coordinator abandoned (coordinator killed mid-round) blocks it until restarted.
+        ``warm`` also the data loading and model build, but after a coordinator restart its
+        executor can stay idle and miss the resumed run (deploy/README.md, section 5).
     policy : RestartPolicy | None (default: None)
         Restart policy (default :class:`RestartPolicy`).
 

@@ -20,18 +20,17 @@ def start(
     kit: Kit,
     foreground: Annotated[bool, typer.Option(
         "--foreground", help="Run in this process until stopped (systemd, start.sh).")] = False,
-    isolation: Annotated[str, typer.Option(
+    isolation: Annotated[str | None, typer.Option(
         "--isolation", help="warm-fork (default): one long-lived executor that imported "
         "TensorFlow once forks per message; warm: it runs every message itself, data and model "
-        "cached (fastest; a message of a run the coordinator abandoned blocks it until the site "
-        "restarts); subprocess: a fresh ClientApp process per message (flwr's default).")] = (
-        "warm-fork"
-    ),
+        "cached (fastest; after a coordinator restart it can stay idle, see deploy/README.md); "
+        "subprocess: a fresh ClientApp process per message (flwr's default).")] = None,
 ) -> None:
     """Check the kit and data, then start the SuperNode (restarted on crash)."""
     from common.errors import ConfigError
-    from deploy.site import ISOLATIONS, start_site
+    from deploy.site import DEFAULT_ISOLATION, ISOLATIONS, start_site
 
+    isolation = isolation or DEFAULT_ISOLATION
     if isolation not in ISOLATIONS:
         raise ConfigError(f"--isolation {isolation!r} is not one of {', '.join(ISOLATIONS)}",
                           "use --isolation warm, warm-fork or subprocess")
