@@ -99,10 +99,10 @@ def run_variant(arrays: Any, cfg: Any) -> dict[str, Any]:
         # A small grid over the head's settings, chosen on the VALIDATION split (never test):
         # neurons per class, class-balanced presentation (each class resampled to the same
         # count) or the natural mix, and passes over the data.
+        presentations = {False: (x_tr, y_tr), True: _balanced(x_tr, y_tr, seed=0)}
         grid, best = [], None
         for npc in (4, 16):
-            for balanced in (False, True):
-                xs, ys = _balanced(x_tr, y_tr, seed=0) if balanced else (x_tr, y_tr)
+            for balanced, (xs, ys) in presentations.items():
                 for epochs in (1, 3):
                     head = prepare_edge_learning(ak, len(arrays.class_names), x_tr[:256],
                                                  neurons_per_class=npc)
