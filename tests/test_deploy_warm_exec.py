@@ -79,11 +79,13 @@ def test_flwr_exit_of_a_task_neither_exits_nor_touches_signals(
     assert not any("force_exit" in t.name for t in threading.enumerate())
 
 
-def test_an_oversized_executor_reexecutes_itself_between_tasks(tmp_path: Path) -> None:
-    # Prepare: a process whose executor is over its RSS cap after one task
+def _run_until_reexecuted(tmp_path: Path, body: str, timeout: float) -> str:
+    """Run ``body`` (which makes an InProcessExecutor ``ex`` and a task ``spec``) in a fresh
+    interpreter that records its pid; when it comes back re-executed, it prints
+    ``re-executed <same pid>``. Return stdout."""
     marker = tmp_path / "first-pid"
     code = (
-        "import os, pathlib, sys\n"
+        "import os, pathlib, sys, time\n"
         f"marker = pathlib.Path({str(marker)!r})\n"
         "if marker.exists():\n"
         "    print('re-executed', marker.read_text() == str(os.getpid())); sys.exit(0)\n"
@@ -92,6 +94,17 @@ def test_an_oversized_executor_reexecutes_itself_between_tasks(tmp_path: Path) -
         "from flwr.supercore.superexec.executor.types import ExecutionSpec\n"
         "spec = ExecutionSpec('flwr-clientapp', '127.0.0.1:9', 'token', True, None, False,\n"
         "                     None, False, 1)\n"
+        + body
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=timeout, cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+def test_an_oversized_executor_reexecutes_itself_between_tasks(tmp_path: Path) -> None:
+    # Prepare: a process whose executor is over its RSS cap after one task
+    body = (
         "ex = InProcessExecutor(max_rss_mb=1, run_task=lambda spec: 0)\n"
         "assert ex.launch(spec).status == 'accepted' and ex.recycle\n"
         "ex.reconcile()\n"
@@ -99,12 +112,10 @@ def test_an_oversized_executor_reexecutes_itself_between_tasks(tmp_path: Path) -
     )
 
     # Execute
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    out = _run_until_reexecuted(tmp_path, body, timeout=120)
 
     # Assert: same pid, fresh interpreter
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "re-executed True"
+    assert out == "re-executed True"
 
 
 def test_the_heartbeats_sigint_ends_the_task_not_the_executor() -> None:
@@ -140,17 +151,7 @@ def test_the_heartbeats_sigint_ends_the_task_not_the_executor() -> None:
 
 def test_a_task_past_its_timeout_reexecutes_the_executor(tmp_path: Path) -> None:
     # Prepare: a task that never ends, a 1 s task timeout, the default action (re-execute)
-    marker = tmp_path / "first-pid"
-    code = (
-        "import os, pathlib, sys, time\n"
-        f"marker = pathlib.Path({str(marker)!r})\n"
-        "if marker.exists():\n"
-        "    print('re-executed', marker.read_text() == str(os.getpid())); sys.exit(0)\n"
-        "marker.write_text(str(os.getpid()))\n"
-        "from deploy.warm_exec import InProcessExecutor\n"
-        "from flwr.supercore.superexec.executor.types import ExecutionSpec\n"
-        "spec = ExecutionSpec('flwr-clientapp', '127.0.0.1:9', 'token', True, None, False,\n"
-        "                     None, False, 1)\n"
+    body = (
         "ex = InProcessExecutor(max_rss_mb=None, run_task=lambda spec: time.sleep(60),\n"
         "                       task_timeout=1.0)\n"
         "ex.launch(spec)\n"
@@ -158,12 +159,10 @@ def test_a_task_past_its_timeout_reexecutes_the_executor(tmp_path: Path) -> None
     )
 
     # Execute
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=50, cwd=Path(__file__).resolve().parents[1])
+    out = _run_until_reexecuted(tmp_path, body, timeout=50)
 
     # Assert: the hung task was abandoned by a fresh interpreter under the same pid
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "re-executed True"
+    assert out == "re-executed True"
 
 
 def test_site_isolation_modes_choose_the_executor(tmp_path: Path) -> None:
