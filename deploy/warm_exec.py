@@ -16,11 +16,13 @@ once and runs flwr's own SuperExec loop (``run_superexec``) with one of two exec
   nor its end can stop the loop. A task that raises is reported failed to the SuperNode and the
   executor goes on. When the process outgrows ``--max-rss-mb`` after a task, it re-executes
   itself between tasks (same pid, fresh interpreter), so memory cannot grow without bound.
-  Two guards keep one task from holding the executor: the SIGINT that flwr's task heartbeat
-  raises when the SuperNode no longer knows the task (its run was stopped or abandoned) ends
-  that task only; and a task still running after ``--task-timeout`` seconds makes the
-  executor re-execute itself (a thread cannot be killed; the fresh interpreter takes the next
-  task, and the SuperNode sees the abandoned task's heartbeat stop).
+  Three guards keep one task from holding the executor: a task whose input does not become
+  available in the SuperNode within ``--input-timeout`` seconds is dropped (see
+  :func:`input_deadline`); the SIGINT that flwr's task heartbeat raises when the SuperNode no
+  longer knows the task (its run was stopped or abandoned) ends that task only; and a task
+  still running after ``--task-timeout`` seconds makes the executor re-execute itself (a
+  thread cannot be killed; the fresh interpreter takes the next task, and the SuperNode sees
+  the abandoned task's heartbeat stop).
 * :class:`ForkExecutor` (``--mode fork``, ``--isolation warm-fork``) forks this warm process for
   each task; the child runs ``run_clientapp`` and exits, so nothing survives a message except
   the imported modules (the data and model are rebuilt every time).
@@ -39,13 +41,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from common.log import get_logger
 
-__all__ = ["MODES", "ForkExecutor", "InProcessExecutor", "TaskStopped", "main", "rss_mb",
-           "warm_up"]
+__all__ = ["MODES", "ForkExecutor", "InProcessExecutor", "TaskStopped", "input_deadline", "main",
+           "rss_mb", "warm_up"]
 
 log = get_logger("deploy.warm_exec")
 
@@ -54,6 +57,10 @@ MODES = ("inprocess", "fork")
 DEFAULT_MAX_RSS_MB = 3072.0
 #: Default ``--task-timeout`` (s): a task running longer is abandoned by re-executing.
 DEFAULT_TASK_TIMEOUT_S = 3600.0
+#: Default ``--input-timeout`` (s): a task whose input is not in the SuperNode by then is dropped.
+DEFAULT_INPUT_TIMEOUT_S = 60.0
+#: Longest wait between two polls for a task's input (the SuperNode is on this machine).
+_INPUT_POLL_CAP_S = 2.0
 
 
 def rss_mb() -> float:
@@ -61,6 +68,52 @@ def rss_mb() -> float:
     with open("/proc/self/statm", encoding="ascii") as fh:
         pages = int(fh.read().split()[1])
     return pages * resource.getpagesize() / 2**20
+
+
+@contextmanager
+def input_deadline(seconds: float | None) -> Iterator[None]:
+    """Within this block, a ClientApp task gives up on its input after ``seconds``.
+
+    The SuperNode creates a task as soon as a message starts to arrive, then pulls the
+    message's objects from the SuperLink. If the run stops meanwhile (the coordinator was
+    killed, a run was stopped), flwr 1.41 drops the message but leaves the task pending, with
+    objects that never become available; ``run_clientapp`` would wait up to two hours for
+    them (flwr's ``PULL_MAX_TIME``). Run in this process, that wait blocks every later task,
+    including the next run's. Here the pull gives up after ``seconds`` (polling the local
+    SuperNode at least every 2 s); the task then fails with ``ObjectPullError`` and the
+    executor takes the next one. None: flwr's own limits.
+
+    Parameters
+    ----------
+    seconds : float | None
+        How long a task may wait for its input message to be complete in the SuperNode.
+    """
+    if seconds is None:
+        yield
+        return
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    unbounded = rc.pull_and_inflate_object_from_tree
+
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        kwargs["max_time"] = seconds
+        kwargs["backoff_cap"] = min(kwargs.get("backoff_cap", _INPUT_POLL_CAP_S),
+                                    _INPUT_POLL_CAP_S)
+        try:
+            return unbounded(*args, **kwargs)
+        except ObjectPullError:
+            log.warning("this task's input was not complete in the SuperNode after "
+                        "--input-timeout %.0f s; dropping the task (its run most likely "
+                        "ended while the message was arriving). On a slow link to the "
+                        "coordinator, raise --input-timeout.", seconds)
+            raise
+
+    rc.pull_and_inflate_object_from_tree = bounded
+    try:
+        yield
+    finally:
+        rc.pull_and_inflate_object_from_tree = unbounded
 
 
 class _ExecutorBase:
@@ -112,15 +165,19 @@ class InProcessExecutor(_ExecutorBase):
         Seconds a task may run; past that the executor re-executes itself. None: no limit.
     on_timeout : Callable[[], None] | None (default: None)
         What the watchdog does when a task overruns (default: re-execute this process).
+    input_timeout : float | None (default: DEFAULT_INPUT_TIMEOUT_S)
+        Seconds a task may wait for its input in the SuperNode (:func:`input_deadline`).
     """
 
     def __init__(self, max_rss_mb: float | None = DEFAULT_MAX_RSS_MB,
                  run_task: Callable[[Any], int] | None = None,
                  task_timeout: float | None = DEFAULT_TASK_TIMEOUT_S,
-                 on_timeout: Callable[[], None] | None = None) -> None:
+                 on_timeout: Callable[[], None] | None = None,
+                 input_timeout: float | None = DEFAULT_INPUT_TIMEOUT_S) -> None:
         self.max_rss_mb = max_rss_mb
         self.run_task = run_task or self.run_clientapp
         self.task_timeout = task_timeout
+        self.input_timeout = input_timeout
         self.on_timeout = on_timeout or _reexec
         self.tasks = 0
         self.failures = 0
@@ -135,7 +192,8 @@ class InProcessExecutor(_ExecutorBase):
         watchdog = self._watchdog(spec)
         saved_sigint = self._stop_task_on_sigint()
         try:
-            code = self.run_task(spec)
+            with input_deadline(self.input_timeout):
+                code = self.run_task(spec)
         except TaskStopped:
             log.warning("task %s: stopped by the SuperNode (its run was stopped or abandoned) "
                         "after %.1f s; taking the next task", spec.task_id,
@@ -252,10 +310,18 @@ class InProcessExecutor(_ExecutorBase):
 
 
 class ForkExecutor(_ExecutorBase):
-    """A flwr SuperExec executor that forks the (warm) current process for each task."""
+    """A flwr SuperExec executor that forks the (warm) current process for each task.
 
-    def __init__(self) -> None:
+    Parameters
+    ----------
+    input_timeout : float | None (default: DEFAULT_INPUT_TIMEOUT_S)
+        Seconds a child may wait for its task's input (:func:`input_deadline`); a child
+        waiting longer blocks nothing, but would hold its memory for up to two hours.
+    """
+
+    def __init__(self, input_timeout: float | None = DEFAULT_INPUT_TIMEOUT_S) -> None:
         self.children: set[int] = set()
+        self.input_timeout = input_timeout
 
     def launch(self, spec):
         """Fork; the child runs flwr's ``run_clientapp`` for the task's token and exits."""
@@ -267,7 +333,8 @@ class ForkExecutor(_ExecutorBase):
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                _fork_task(spec)
+                with input_deadline(self.input_timeout):
+                    _fork_task(spec)
                 code = 0
             except SystemExit as done:
                 code = done.code if isinstance(done.code, int) else 0
@@ -345,6 +412,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task-timeout", type=float, default=DEFAULT_TASK_TIMEOUT_S,
                         help="inprocess: re-execute when a task runs longer than this, in s "
                         "(0: no limit; default %(default)g).")
+    parser.add_argument("--input-timeout", type=float, default=DEFAULT_INPUT_TIMEOUT_S,
+                        help="drop a task whose input is not complete in the SuperNode after "
+                        "this many s; raise it on a slow link to the coordinator (0: flwr's "
+                        "2 h; default %(default)g).")
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="Exit when this process exits.")
     args = parser.parse_args(argv)
@@ -358,9 +429,10 @@ def main(argv: list[str] | None = None) -> None:
     executor: InProcessExecutor | ForkExecutor
     if args.mode == "inprocess":
         executor = InProcessExecutor(args.max_rss_mb or None,
-                                     task_timeout=args.task_timeout or None)
+                                     task_timeout=args.task_timeout or None,
+                                     input_timeout=args.input_timeout or None)
     else:
-        executor = ForkExecutor()
+        executor = ForkExecutor(input_timeout=args.input_timeout or None)
     print(f"qanafed warm ClientApp executor ({args.mode}): imports took {seconds:.1f} s; "
           f"pid {os.getpid()}, RSS {rss_mb():.0f} MB", flush=True)
     superexec.get_executor = lambda *a, **k: executor

@@ -165,6 +165,102 @@ def test_a_task_past_its_timeout_reexecutes_the_executor(tmp_path: Path) -> None
     assert out == "re-executed True"
 
 
+@pytest.fixture
+def supernode_runtime_api():
+    """A real SuperNode state behind flwr's real Runtime API (uvicorn, on loopback)."""
+    import socket
+    import time
+
+    import uvicorn
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.main import create_app
+    from flwr.supernode.nodestate import NodeStateFactory
+
+    stores = ObjectStoreFactory()
+    states = NodeStateFactory(objectstore_factory=stores)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app=create_app(state_factory=states,
+                                                          superexec_auth_secret=None),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the Runtime API did not start"
+    yield states.state(), stores.store(), f"127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_a_task_whose_run_ended_while_its_message_arrived_is_dropped(
+    supernode_runtime_api,
+) -> None:
+    # Prepare: the SuperNode receives a message of a known run, and the run stops while the
+    # message's objects are being pulled (the coordinator was killed). flwr's own receive
+    # path (_pull_and_store_message) then ignores the message but leaves its task pending,
+    # with objects that never become available.
+    import hashlib
+    import time
+
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.common.constant import Status
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.fab import Fab
+    from flwr.supercore.inflatable.inflatable_object import get_object_tree
+    from flwr.supercore.run import Run, RunNotRunningException
+    from flwr.supercore.superexec.executor.types import ExecutionSpec
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supernode import start_client_internal as supernode
+
+    state, store, address = supernode_runtime_api
+    node_id, run_id = 7, 11
+    state.set_node_id(node_id)
+    fab = Fab(hashlib.sha256(b"fab").hexdigest(), b"fab", {})
+    run = Run.create_empty(run_id)
+    run.fab_hash = fab.hash_str
+    state.store_run(run)
+    state.store_fab(fab)
+    state.set_run_series_context(run.series_id, Context(
+        run_id=run_id, node_id=node_id, node_config={}, state=RecordDict(), run_config={},
+        series_id=run.series_id))
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, 1
+    message = Message(RecordDict({"config": ConfigRecord({"round": 2})}), dst_node_id=node_id,
+                      message_type="train.warmup")
+    message.metadata.__dict__["_message_id"] = message.object_id
+    incoming = [(message, get_object_tree(message))]
+
+    def run_ends_mid_pull(_run_id: int, _object_id: str) -> bytes:
+        raise RunNotRunningException
+
+    supernode._pull_and_store_message(
+        state=state, object_store=store, node_config={},
+        receive=lambda: incoming.pop() if incoming else None, get_run=None, get_fab=None,
+        pull_object=run_ends_mid_pull, confirm_message_received=None, trusted_entities=None)
+    (orphan,) = state.get_tasks(statuses=[Status.PENDING], order_by="pending_at",
+                                ascending=True)
+    spec = ExecutionSpec(task_type=TaskType.CLIENT_APP, runtime_api_address=address,
+                         token=state.claim_task(orphan.task_id), insecure=True,
+                         root_certificates_path=None, runtime_dependency_install=False,
+                         parent_pid=None, suppress_output=False, task_id=orphan.task_id)
+    executor = InProcessExecutor(max_rss_mb=None, task_timeout=None, input_timeout=2.0)
+
+    # Execute: flwr's run_clientapp, in this process, as the SuperExec loop would
+    t0 = time.monotonic()
+    result = executor.launch(spec)
+
+    # Assert: dropped within seconds (flwr alone would wait two hours), reported failed to
+    # the SuperNode, and the executor is free for the next task
+    assert time.monotonic() - t0 < 20
+    assert result.status == "accepted" and (executor.tasks, executor.failures) == (1, 1)
+    (task,) = state.get_tasks(statuses=[Status.FINISHED], order_by="pending_at",
+                              ascending=True)
+    assert task.task_id == orphan.task_id and task.status.sub_status == "failed"
+    assert "ObjectPullError" in task.status.details
+
+
 def test_site_isolation_modes_choose_the_executor(tmp_path: Path) -> None:
     # Prepare: a provisioned site kit
     from deploy.kit import validate_site_kit
