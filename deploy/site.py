@@ -46,14 +46,14 @@ __all__ = [
 log = get_logger("deploy.site")
 
 #: How a site runs its ClientApp (see deploy/README.md for the measurements behind the default):
-#: ``warm``: ``flower-supernode --isolation process`` plus one long-lived qanafed executor that
-#: imported TensorFlow once and runs every message in-process, keeping the site's data and
-#: compiled models cached between messages. ``warm-fork`` (default): the same executor, but it
+#: ``warm`` (default): ``flower-supernode --isolation process`` plus one long-lived qanafed
+#: executor that imported TensorFlow once and runs every message in-process, keeping the site's
+#: data and compiled models cached between messages. ``warm-fork``: the same executor, but it
 #: forks itself per message (imports shared, data and model rebuilt). ``subprocess``: flwr's
 #: default, a fresh ``flwr-clientapp`` process (and TensorFlow import) per message.
 ISOLATIONS = ("warm", "warm-fork", "subprocess")
 Isolation = Literal["warm", "warm-fork", "subprocess"]
-DEFAULT_ISOLATION: Isolation = "warm-fork"
+DEFAULT_ISOLATION: Isolation = "warm"
 _EXECUTOR_MODE = {"warm": "inprocess", "warm-fork": "fork"}
 RUNTIME_HOST = "127.0.0.1"
 
@@ -170,10 +170,9 @@ def start_site(
     foreground : bool (default: False)
         Run the supervisor in this process until SIGTERM (systemd, ``start.sh``); otherwise
         start it detached and return.
-    isolation : str (default: "warm-fork")
-        See :data:`ISOLATIONS`; ``warm-fork`` saves the TensorFlow import per message;
-        ``warm`` also the data loading and model build, but after a coordinator restart its
-        executor can stay idle and miss the resumed run (deploy/README.md, section 5).
+    isolation : str (default: "warm")
+        See :data:`ISOLATIONS`; ``warm`` saves the TensorFlow import, the data loading and the
+        model build per message, ``warm-fork`` only the import (deploy/README.md, section 5).
     policy : RestartPolicy | None (default: None)
         Restart policy (default :class:`RestartPolicy`).
 

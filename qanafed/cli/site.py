@@ -21,10 +21,11 @@ def start(
     foreground: Annotated[bool, typer.Option(
         "--foreground", help="Run in this process until stopped (systemd, start.sh).")] = False,
     isolation: Annotated[str | None, typer.Option(
-        "--isolation", help="warm-fork (default): one long-lived executor that imported "
-        "TensorFlow once forks per message; warm: it runs every message itself, data and model "
-        "cached (fastest; after a coordinator restart it can stay idle, see deploy/README.md); "
-        "subprocess: a fresh ClientApp process per message (flwr's default).")] = None,
+        "--isolation", help="warm (default): one long-lived executor that imported "
+        "TensorFlow once runs every message itself, data and model cached (fastest); "
+        "warm-fork: it forks itself per message (imports shared, data and model rebuilt); "
+        "subprocess: a fresh ClientApp process per message (flwr's default). See "
+        "deploy/README.md.")] = None,
 ) -> None:
     """Check the kit and data, then start the SuperNode (restarted on crash)."""
     from common.errors import ConfigError
