@@ -147,6 +147,7 @@ def run_deployment(fed: Federation, scenario_file: Path, mode: str, out: Path,
     from deploy.process import kill_tree
 
     result: dict[str, Any] = {}
+    logs = _SiteLogs(fed)  # the site logs are shared by every mode: read this mode's part only
     with Daemons() as daemons:
         before = {s: fed.activations(s) for s in fed.sites}
         coord_pid = daemons.start("coord", fed.coord)
@@ -170,9 +171,9 @@ def run_deployment(fed: Federation, scenario_file: Path, mode: str, out: Path,
         if report_file.exists():
             result.update(rounds_of(json.loads(report_file.read_text())))
         result["peak_per_site"] = {s: p.as_dict() for s, p in peaks.items()}
-        result["executor_log"] = _executor_lines(fed)
+        result["executor_log"] = logs.executor_lines()
         if mode == "warm":
-            result["executor_rss_mb"] = _executor_rss(fed)
+            result["executor_rss_mb"] = logs.executor_rss()
         if not recovery:
             for kit in fed.sites.values():
                 qanafed("site", "stop", "--kit", str(kit))
@@ -210,25 +211,35 @@ def run_deployment(fed: Federation, scenario_file: Path, mode: str, out: Path,
     return result
 
 
-def _executor_rss(fed: Federation) -> dict[str, list[float]]:
-    """Per site, the in-process executor's RSS (MB) after each task (from its log)."""
-    import re
+class _SiteLogs:
+    """The sites' logs from now on (they are appended to by every mode of a bench run)."""
 
-    from deploy.site import site_paths
+    def __init__(self, fed: Federation) -> None:
+        from deploy.site import site_paths
 
-    pattern = re.compile(r"RSS (\d+) MB after \d+ tasks")
-    return {s: [float(m) for m in pattern.findall(site_paths(kit).log_file.read_text(
-        errors="replace"))] for s, kit in fed.sites.items()}
+        self.files = {s: site_paths(kit).log_file for s, kit in fed.sites.items()}
+        self.start = {s: f.stat().st_size if f.exists() else 0 for s, f in self.files.items()}
 
+    def text(self, site: str) -> str:
+        """What ``site`` logged since this object was made."""
+        with open(self.files[site], "rb") as fh:
+            fh.seek(self.start[site])
+            return fh.read().decode(errors="replace")
 
-def _executor_lines(fed: Federation) -> list[str]:
-    from deploy.site import site_paths
+    def executor_rss(self) -> dict[str, list[float]]:
+        """Per site, the in-process executor's RSS (MB) after each task."""
+        import re
 
-    lines = []
-    for kit in fed.sites.values():
-        text = site_paths(kit).log_file.read_text(errors="replace")
-        lines += [ln for ln in text.splitlines() if "warm ClientApp executor" in ln][-1:]
-    return lines
+        pattern = re.compile(r"RSS (\d+) MB after \d+ tasks")
+        return {s: [float(m) for m in pattern.findall(self.text(s))] for s in self.files}
+
+    def executor_lines(self) -> list[str]:
+        """Per site, the warm executor's start-up line (none for ``subprocess``)."""
+        lines: list[str] = []
+        for site in self.files:
+            lines += [ln for ln in self.text(site).splitlines()
+                      if "warm ClientApp executor" in ln][:1]
+        return lines
 
 
 def import_cost(repeats: int) -> dict[str, Any]:
@@ -348,7 +359,7 @@ def markdown(doc: dict[str, Any]) -> str:
             + "), then loads the data and builds/traces the model "
             "again; `warm-fork` pays the import once per site (a fork per message) but still "
             "rebuilds data and model; `warm` pays all of it once per site ("
-            + "; ".join(doc.get("executor_lines", [])[:1]) + ").")
+            + "; ".join(modes.get("warm", {}).get("executor_log", [])[:1]) + ").")
     for rec_mode in [m for m in DEPLOY_MODES if "recovery_site_s" in modes.get(m, {})]:
         rec = modes[rec_mode]
         lines.append(
@@ -432,8 +443,6 @@ def main(argv: list[str] | None = None) -> None:
                                      recovery=(mode in recovery_modes
                                                and not args.no_recovery))
                 doc["modes"][mode] = res
-                if res.get("executor_log"):
-                    doc["executor_lines"] = res["executor_log"]
         except Exception as err:  # noqa: BLE001 - a bench keeps the other modes' numbers
             log.exception("bench %s failed", mode)
             doc["modes"][mode] = {"error": f"{type(err).__name__}: {err}"}
