@@ -100,13 +100,15 @@ def input_deadline(seconds: float | None) -> Iterator[None]:
         kwargs["max_time"] = seconds
         kwargs["backoff_cap"] = min(kwargs.get("backoff_cap", _INPUT_POLL_CAP_S),
                                     _INPUT_POLL_CAP_S)
+        start = time.monotonic()
         try:
             return unbounded(*args, **kwargs)
-        except ObjectPullError:
-            log.warning("this task's input was not complete in the SuperNode after "
-                        "--input-timeout %.0f s; dropping the task (its run most likely "
-                        "ended while the message was arriving). On a slow link to the "
-                        "coordinator, raise --input-timeout.", seconds)
+        except ObjectPullError as err:
+            log.warning("this task's input could not be pulled from the SuperNode in %.0f s "
+                        "(--input-timeout %.0f s): %s. Dropping the task; its run most likely "
+                        "ended while the message was arriving. On a slow link to the "
+                        "coordinator, raise --input-timeout.", time.monotonic() - start,
+                        seconds, err)
             raise
 
     rc.pull_and_inflate_object_from_tree = bounded
