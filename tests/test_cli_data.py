@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -260,10 +261,11 @@ def test_inspect_of_an_unknown_path_is_one_clear_error_with_exit_code_2(tmp_path
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, "COLUMNS": "400"},  # rich folds a long tmp path mid-word at 80
     )
 
     # Assert
-    message = " ".join(proc.stderr.split())  # rich wraps long lines
+    message = " ".join(proc.stderr.split())
     assert proc.returncode == 2
     assert "nowhere' does not exist" in message and "ham10000:" in message
     assert "Traceback" not in message
