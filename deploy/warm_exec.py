@@ -265,7 +265,6 @@ class InProcessExecutor(_ExecutorBase):
         the handlers and run them (push the task status, stop the heartbeat, close the Runtime
         API client) without touching signals or exiting.
         """
-        from flwr.supercore.tls import validate_and_resolve_root_certificates
         from flwr.supernode.runtime import run_clientapp as rc
 
         handlers: list[Callable[[], None]] = []
@@ -286,15 +285,7 @@ class InProcessExecutor(_ExecutorBase):
         saved = rc.register_signal_handlers, rc.flwr_exit
         rc.register_signal_handlers, rc.flwr_exit = keep_handlers, end_task
         try:
-            rc.run_clientapp(
-                runtime_api_address=spec.runtime_api_address,
-                token=spec.token,
-                insecure=spec.insecure,
-                certificates=validate_and_resolve_root_certificates(
-                    spec.root_certificates_path, spec.insecure),
-                parent_pid=None,
-                runtime_dependency_install=False,
-            )
+            _run_flwr_clientapp(spec, parent_pid=None)
         except _TaskEnded as ended:
             return ended.code
         finally:
@@ -336,7 +327,7 @@ class ForkExecutor(_ExecutorBase):
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 with input_deadline(self.input_timeout):
-                    _fork_task(spec)
+                    _run_flwr_clientapp(spec, parent_pid=os.getppid())
                 code = 0
             except SystemExit as done:
                 code = done.code if isinstance(done.code, int) else 0
@@ -367,7 +358,8 @@ class ForkExecutor(_ExecutorBase):
                 pass
 
 
-def _fork_task(spec) -> None:
+def _run_flwr_clientapp(spec, parent_pid: int | None) -> None:
+    """Call flwr's ``run_clientapp`` for the task ``spec`` (the caller decides how it ends)."""
     from flwr.supercore.tls import validate_and_resolve_root_certificates
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
@@ -378,7 +370,7 @@ def _fork_task(spec) -> None:
         certificates=validate_and_resolve_root_certificates(
             spec.root_certificates_path, spec.insecure
         ),
-        parent_pid=os.getppid(),
+        parent_pid=parent_pid,
         runtime_dependency_install=False,
     )
 

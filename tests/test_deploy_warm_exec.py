@@ -13,12 +13,12 @@ import pytest
 from deploy.warm_exec import InProcessExecutor
 
 
-def _spec(task_id: int = 1):
+def _spec(task_id: int = 1, runtime_api_address: str = "127.0.0.1:9", token: str = "token"):
     from flwr.supercore.constant import TaskType
     from flwr.supercore.superexec.executor.types import ExecutionSpec
 
-    return ExecutionSpec(task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:9",
-                         token="token", insecure=True, root_certificates_path=None,
+    return ExecutionSpec(task_type=TaskType.CLIENT_APP, runtime_api_address=runtime_api_address,
+                         token=token, insecure=True, root_certificates_path=None,
                          runtime_dependency_install=False, parent_pid=None,
                          suppress_output=False, task_id=task_id)
 
@@ -168,7 +168,6 @@ def test_a_task_past_its_timeout_reexecutes_the_executor(tmp_path: Path) -> None
 @pytest.fixture
 def supernode_runtime_api():
     """A real SuperNode state behind flwr's real Runtime API (uvicorn, on loopback)."""
-    import socket
     import time
 
     import uvicorn
@@ -176,11 +175,11 @@ def supernode_runtime_api():
     from flwr.supernode.main import create_app
     from flwr.supernode.nodestate import NodeStateFactory
 
+    from deploy.loopback import free_ports
+
     stores = ObjectStoreFactory()
     states = NodeStateFactory(objectstore_factory=stores)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    (port,) = free_ports(1)
     server = uvicorn.Server(uvicorn.Config(app=create_app(state_factory=states,
                                                           superexec_auth_secret=None),
                                            host="127.0.0.1", port=port, log_level="warning"))
@@ -207,11 +206,9 @@ def test_a_task_whose_run_ended_while_its_message_arrived_is_dropped(
 
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.common.constant import Status
-    from flwr.supercore.constant import TaskType
     from flwr.supercore.fab import Fab
     from flwr.supercore.inflatable.inflatable_object import get_object_tree
     from flwr.supercore.run import Run, RunNotRunningException
-    from flwr.supercore.superexec.executor.types import ExecutionSpec
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supernode import start_client_internal as supernode
 
@@ -241,10 +238,7 @@ def test_a_task_whose_run_ended_while_its_message_arrived_is_dropped(
         pull_object=run_ends_mid_pull, confirm_message_received=None, trusted_entities=None)
     (orphan,) = state.get_tasks(statuses=[Status.PENDING], order_by="pending_at",
                                 ascending=True)
-    spec = ExecutionSpec(task_type=TaskType.CLIENT_APP, runtime_api_address=address,
-                         token=state.claim_task(orphan.task_id), insecure=True,
-                         root_certificates_path=None, runtime_dependency_install=False,
-                         parent_pid=None, suppress_output=False, task_id=orphan.task_id)
+    spec = _spec(orphan.task_id, address, token=state.claim_task(orphan.task_id))
     executor = InProcessExecutor(max_rss_mb=None, task_timeout=None, input_timeout=2.0)
 
     # Execute: flwr's run_clientapp, in this process, as the SuperExec loop would
