@@ -272,7 +272,7 @@ def test_inspect_of_an_unknown_path_is_one_clear_error_with_exit_code_2(tmp_path
 
 
 @pytest.mark.realdata
-def test_inspect_real_ham10000_subset(ham_dir):
+def test_inspect_real_ham10000_full(ham_dir):
     # Prepare: the expected counts, straight from the CSV
     with (ham_dir / "HAM10000_metadata.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -289,9 +289,9 @@ def test_inspect_real_ham10000_subset(ham_dir):
     # Assert
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["images"] == len(present) == 5984
+    assert report["images"] == len(present) == 10015
     assert report["lesions"] == len({r["lesion_id"] for r in present})
     assert report["classes"] == dict(sorted(Counter(r["dx"] for r in present).items()))
     assert report["sites"] == dict(sorted(Counter(r["dataset"] for r in present).items()))
     assert len(report["sites"]) == 4
-    assert report["quality"]["kept"] + sum(report["quality"]["dropped"].values()) == 5984
+    assert report["quality"]["kept"] + sum(report["quality"]["dropped"].values()) == 10015
