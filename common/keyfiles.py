@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from common.errors import SecurityError
@@ -12,9 +14,12 @@ from common.log import get_logger
 __all__ = [
     "PRIVATE_MODE",
     "PUBLIC_MODE",
+    "owner_only_umask",
+    "private_dir",
     "read_private",
     "read_public",
     "write_private",
+    "restrict_tree",
     "write_public",
 ]
 
@@ -187,3 +192,39 @@ def read_public(path: str | Path, *, how_to_create: str | None = None) -> bytes:
     if not path.is_file():
         raise _missing(path, "public key/certificate", how_to_create)
     return path.read_bytes()
+
+
+def private_dir(path: str | Path) -> Path:
+    """Create the folder ``path`` (and parents) readable by its owner only (0700), or tighten it.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+def restrict_tree(root: str | Path) -> None:
+    """Take every group and other permission bit off ``root`` and what it holds (links skipped)."""
+    for folder, dirs, files in os.walk(root):
+        for name in (*dirs, *files):
+            entry = os.path.join(folder, name)
+            info = os.lstat(entry)
+            if not stat.S_ISLNK(info.st_mode) and stat.S_IMODE(info.st_mode) & 0o077:
+                os.chmod(entry, stat.S_IMODE(info.st_mode) & 0o700)
+        if folder == str(root):
+            os.chmod(folder, 0o700)
+
+
+@contextmanager
+def owner_only_umask() -> Iterator[None]:
+    """Create files 0600 and folders 0700 inside the block (umask 077), also in child processes."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, QanafedError, SecurityError
+from common.keyfiles import owner_only_umask
 from common.log import get_logger
 from deploy.kit import COORDINATOR_YAML, CoordinatorKit, ssh_fingerprint, validate_coordinator_kit
 from deploy.process import (
@@ -44,6 +45,7 @@ __all__ = [
     "coord_paths",
     "coord_status",
     "launch_run",
+    "private_run_dir",
     "register_sites",
     "start_coordinator",
     "stop_coordinator",
@@ -264,7 +266,29 @@ def start_coordinator(
                         f"qanafed coord stop --kit {kit.dir}")
     require_free_port(kit.config.bind_host, kit.config.port, "SuperLink port",
                       kit.dir / COORDINATOR_YAML)
-    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    private_run_dir(paths)
+    with owner_only_umask():  # the daemon, its SuperLink and ServerApps inherit it
+        return _start(kit, paths, foreground, insecure, policy)
+
+
+def private_run_dir(paths: CoordPaths) -> Path:
+    """Make ``<kit>/run/`` owner-only: the folder 0700, nothing in it open to group or others.
+
+    It holds the ledger of decrypted metrics, logs and run folders, so it is private whether
+    or not systemd (``UMask=0077``) started the coordinator.
+    """
+    from common.keyfiles import private_dir, restrict_tree
+
+    private_dir(paths.run_dir)
+    restrict_tree(paths.run_dir)
+    return paths.run_dir
+
+
+def _start(
+    kit: CoordinatorKit, paths: CoordPaths, foreground: bool, insecure: bool,
+    policy: RestartPolicy | None,
+) -> dict[str, Any]:
+    """Start the checked coordinator (see :func:`start_coordinator`)."""
     conn = write_flwr_config(kit, paths, insecure)
     info: dict[str, Any] = {
         "project": kit.config.project, "address": kit.superlink_address,
@@ -357,8 +381,6 @@ def launch_run(
     dict[str, Any]
         ``run-id`` (Flower's), ``out-dir``, ``ledger``, ``scenario``.
     """
-    import tomli_w
-
     from common.fedconfig import load_config
 
     kit = validate_coordinator_kit(kit_dir)
@@ -369,6 +391,18 @@ def launch_run(
     scenario_path = Path(scenario).expanduser().resolve()
     cfg = load_config(scenario_path)
     out = Path(out_dir).expanduser().resolve() if out_dir else paths.runs_dir / cfg.name
+    private_run_dir(paths)
+    with owner_only_umask():
+        return _launch(kit, paths, scenario_path, out, resume, stop_after)
+
+
+def _launch(
+    kit: CoordinatorKit, paths: CoordPaths, scenario_path: Path, out: Path, resume: bool,
+    stop_after: int,
+) -> dict[str, Any]:
+    """Submit the checked run (see :func:`launch_run`)."""
+    import tomli_w
+
     out.mkdir(parents=True, exist_ok=True)
     app = write_app(paths)
     overrides = {

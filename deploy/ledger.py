@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping
@@ -64,7 +65,11 @@ class Ledger:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Decrypted metrics: owner-only (SQLite gives its -wal/-shm files the same mode).
+        os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        if self.path.stat().st_mode & 0o077:
+            os.chmod(self.path, 0o600)
         with self._db() as db:
             db.executescript(_SCHEMA)
 
@@ -176,6 +181,7 @@ def ensure_log_output(log_file: str | Path, level: int = logging.INFO) -> None:
     target = str(Path(log_file).resolve())
     if any(getattr(h, "baseFilename", None) == target for h in logger.handlers):
         return
+    os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600))  # owner-only
     handler = logging.FileHandler(target, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
