@@ -273,3 +273,41 @@ def _reduce(img: Image.Image, side: int) -> Image.Image:
     scale = side / min(w, h)
     return img.resize((max(1, round(w * scale)), max(1, round(h * scale))),
                       Image.Resampling.BILINEAR)
+
+
+def find_unreadable(
+    ds: LesionDataset, progress: Callable[[int, int], None] | None = None
+) -> list[tuple[int, str, str]]:
+    """Find the images that cannot be decoded (missing, truncated or not an image).
+
+    Only decodes (at reduced resolution for JPEGs); no other quality check runs. In-memory
+    datasets have none.
+
+    Parameters
+    ----------
+    ds : LesionDataset
+        The dataset.
+    progress : Callable[[int, int], None] | None (default: None)
+        Called as ``progress(done, total)`` after each image.
+
+    Returns
+    -------
+    list[tuple[int, str, str]]
+        ``(index, image_id, detail)`` per unreadable image, in index order.
+    """
+    if ds.in_memory:
+        return []
+    bad: list[tuple[int, str, str]] = []
+    n = len(ds)
+    for i, path in enumerate(ds.images):
+        try:
+            with Image.open(path) as src:
+                src.draft("RGB" if src.mode in ("RGB", "YCbCr") else None, (64, 64))
+                src.load()
+        except _DECODE_ERRORS as err:
+            bad.append((i, str(ds.image_ids[i]), f"{path}: {err}"))
+        if progress is not None:
+            progress(i + 1, n)
+    if bad:
+        log.info("%d of %d images are unreadable, e.g. %s", len(bad), n, bad[0][2])
+    return bad

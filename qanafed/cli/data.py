@@ -65,6 +65,9 @@ ExtraOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+#: Dropped images ``data inspect`` names (every one is in the log with ``-v``).
+FIRST_DROPPED = 5
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 
 
@@ -146,7 +149,14 @@ def inspect(
     report = None if no_quality else _run_quality(ds)
     quality = None
     if report is not None:
-        quality = {"kept": int(len(report.kept)), "dropped": report.summary()}
+        quality = {
+            "kept": int(len(report.kept)),
+            "dropped": report.summary(),
+            "first_dropped": [
+                {"image_id": image_id, "reason": reason, "detail": report.details.get(i, "")}
+                for i, image_id, reason in report.dropped[:FIRST_DROPPED]
+            ],
+        }
 
     if json_out:
         print_json(
@@ -183,6 +193,13 @@ def inspect(
         for reason, n in quality["dropped"].items():
             table.add_row(f"dropped: {reason}", str(n), style="red" if n else None)
         console.print(table)
+        first = quality["first_dropped"]
+        if first:
+            more = len(report.dropped) - len(first)
+            console.print(f"first dropped{'' if not more else f' ({more} more not shown)'}:")
+            for row in first:
+                console.print(f"  {row['image_id']}: {row['reason']} ({row['detail']})",
+                              highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -195,15 +212,29 @@ def split(
     json_out: JsonOpt = False,
     fmt: FormatOpt = None,
     extra_classes: ExtraOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Stop at unreadable images, not leave them out.")
+    ] = False,
 ) -> None:
     """Split by lesion (no lesion in two splits), write it to --out and print class counts.
 
-    PATH is any dataset 'qanafed data inspect' reads.
+    PATH is any dataset 'qanafed data inspect' reads. Images that cannot be decoded are left
+    out of the split and counted (--strict stops instead).
     """
+    import numpy as np
+
+    from common.outdir import check_out_file
     from common.splits import grouped_split
     from qanafed.cli._common import console, print_json
+    from qanafed.cli._readable import describe, refuse_if_strict, unreadable
 
+    check_out_file(out, inputs={"PATH": path}, force=force)
     ds = _load(path, fmt, extra_classes)
+    bad = unreadable(ds)
+    refuse_if_strict(bad, strict)
+    if bad:
+        ds = ds.subset(np.setdiff1d(np.arange(len(ds)), [i for i, _, _ in bad]))
     result = grouped_split(ds, val=val, test=test, seed=seed)
     result.save(out)
     counts = result.class_counts(ds)
@@ -211,6 +242,7 @@ def split(
         print_json(
             {
                 "out": str(out),
+                "excluded_unreadable": len(bad),
                 "format": ds.format,
                 "root": ds.root or path,
                 "val": val,
@@ -226,6 +258,9 @@ def split(
         )
         return
     console.print(_count_table("Images per split and class", "split", counts, ds.class_names))
+    if bad:
+        console.print(f"[yellow]left out {len(bad)} unreadable image(s):[/] {describe(bad)}",
+                      highlight=False, soft_wrap=True)
     console.print(f"wrote the split of {len(ds)} images to [bold]{out}[/]")
 
 

@@ -122,9 +122,10 @@ def _split_shots(
         lesions = rng.permutation(np.unique(ds.lesion_ids[members]))
         if len(lesions) < 2:
             raise DataError(
-                f"class {ds.class_names[c]!r} has {len(members)} images in {len(lesions)} "
-                "lesion(s): it needs at least 2 lesions (shots + evaluation)",
-                "use a dataset with more lesions of that class",
+                f"--shots {shots}: class {ds.class_names[c]!r} has {len(members)} image(s) in "
+                f"{len(lesions)} lesion(s), but learning needs at least 2 lesions per class "
+                "(shots from one, evaluation on another)",
+                "use --data with at least 2 lesions of every class",
             )
         taken: list[int] = []
         used = 0
@@ -142,17 +143,25 @@ def _split_shots(
     )
 
 
-def _write_out(out: Path, model: akida.Model, record: dict[str, Any], force: bool) -> None:
-    """Write model.fbz and learn.json into a temp folder, then rename it to ``out``."""
+def _shots_note(shots: int, taken: dict[str, int]) -> str | None:
+    """Say which classes gave fewer than ``--shots`` images (None when every class gave all)."""
+    short = {name: n for name, n in taken.items() if n < shots}
+    if not short:
+        return None
+    listed = ", ".join(f"{name} {n}" for name, n in short.items())
+    return (f"--shots {shots} is more than some classes have outside the lesions kept for "
+            f"evaluation; they learn from fewer ({listed}). Use --shots {min(short.values())} "
+            "for the same number in every class")
+
+
+def _write_out(out: Path, model: akida.Model, record: dict[str, Any]) -> None:
+    """Write model.fbz and learn.json into a temp folder, then rename it to ``out``.
+
+    ``out`` was checked (``check_out_dir``) before any work.
+    """
     from common.atomic import atomic_dir
     from common.edge import save_model_atomic
-    from common.errors import ConfigError
 
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ConfigError(
-            f"output folder {str(out)!r} already exists and is not empty",
-            "choose another --out or pass --force to replace it",
-        )
     with atomic_dir(out) as tmp:
         save_model_atomic(model, tmp / "model.fbz")
         record["model_sha256"] = _sha256(tmp / "model.fbz")
@@ -212,10 +221,12 @@ def learn_command(
     from common.errors import DataError, ModelError
     from common.loaders import load_dataset
     from common.metrics import headline
+    from common.outdir import check_out_dir
     from common.preprocess import load_arrays
     from qanafed.cli._common import console, print_json
 
     started = time.perf_counter()
+    check_out_dir(out, inputs={"--model": model, "--data": data}, force=force)
     ak = _load_akida(model)
     if ak.learning is not None:
         raise ModelError(
@@ -242,6 +253,9 @@ def learn_command(
     if not old_idx:
         raise DataError("every class is marked --new-class", "leave at least one old class")
     learn_i, eval_i, shots_taken = _split_shots(ds, old_idx + new_idx, shots, seed)
+    shots_note = _shots_note(shots, shots_taken)
+    if shots_note:
+        console.print(f"[yellow]warning:[/] {shots_note}", highlight=False, soft_wrap=True)
     x = load_arrays(ds, side, indices=np.concatenate([learn_i, eval_i]))
     x_learn, x_eval = x[: len(learn_i)], x[len(learn_i):]
     y_learn, y_eval = ds.labels[learn_i], ds.labels[eval_i]
@@ -283,6 +297,7 @@ def learn_command(
         "image_size": side,
         "shots": shots,
         "shots_per_class": shots_taken,
+        "shots_note": shots_note,
         "epochs": epochs,
         "seed": seed,
         "edge_classes": [names[i] for i in edge_order],
@@ -294,7 +309,7 @@ def learn_command(
         "metrics": metrics,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    _write_out(out, edge, record, force)
+    _write_out(out, edge, record)
     if as_json:
         print_json(record)
         return

@@ -49,6 +49,7 @@ def explain(
     json_out: Annotated[bool, typer.Option("--json", help="Print summary.json on stdout.")] = (
         False
     ),
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Write saliency overlays (float and quantized models) and a float→quantized stability score.
 
@@ -56,6 +57,7 @@ def explain(
     """
     from common.errors import ConfigError
     from common.loaders import load_dataset
+    from common.outdir import check_out_dir
     from common.preprocess import load_arrays
     from common.saliency import METHODS
     from common.saliency import explain as run_explain
@@ -66,6 +68,7 @@ def explain(
                           f"{','.join(METHODS)}")
     if n < 1:
         raise ConfigError(f"--n {n}", "explain at least one image")
+    check_out_dir(out, inputs={"--model": model, "--data": data}, force=force)
     with stdout_to_stderr():
         float_model, qmodel, meta = load_run(model)
         ds = load_dataset(data)

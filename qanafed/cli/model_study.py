@@ -74,9 +74,11 @@ def study(
         int, typer.Option(help="Test images for saliency stability.")
     ] = 32,
     json_out: Annotated[bool, typer.Option("--json", help="Print study.json on stdout.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Compare float, PTQ and QAT (with/without PACT and SGT) on one split; write a table."""
     from common.loaders import load_dataset
+    from common.outdir import check_out_dir
     from common.study import run_study, study_table, targets_sentence, write_study
     from common.train import TrainConfig, prepare_arrays
     from qanafed.cli.model_train import stage_progress
@@ -91,6 +93,7 @@ def study(
     arm_list = tuple(a.strip() for a in arms.split(",") if a.strip())
     bit_list = parse_bits(bits) if bits else (8, 4, 2)
     qat_list = parse_bits(qat_bits) if qat_bits else None
+    check_out_dir(out, inputs={"--data": data}, force=force)
     ds = load_dataset(data)
     with stage_progress() as progress, stdout_to_stderr():
         arrays, split = prepare_arrays(ds, cfg, progress=progress)

@@ -86,6 +86,7 @@ def train(
         float, typer.Option(help="SGT: weight of the KL(original ‖ masked) term (>= 0).")
     ] = 1.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print metrics.json on stdout.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Train a QANA model: float → quantize (calibrated) → QAT → Akida, scored on the test split."""
     from common.loaders import load_dataset
@@ -116,6 +117,9 @@ def train(
         sgt_mask_fraction=sgt_mask_fraction,
         sgt_kl_weight=sgt_kl_weight,
     )
+    from common.outdir import check_out_dir
+
+    check_out_dir(out, inputs={"--data": data, "--split": split}, force=force)
     ds = load_dataset(data)
     with stage_progress() as progress, stdout_to_stderr():
         payload = run_training(ds, cfg, out, split_file=split, progress=progress)
@@ -139,21 +143,18 @@ def evaluate(
     split: Annotated[Path | None, typer.Option(help="Score one part of this split file.")] = None,
     part: Annotated[str, typer.Option(help="Which part of --split: train|val|test.")] = "test",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    strict: Annotated[
+        bool, typer.Option(help="Stop at an unreadable image instead of skipping and counting it.")
+    ] = False,
 ) -> None:
     """Score a saved Akida model on any supported dataset (classes matched by name)."""
-    from common.errors import ConfigError
     from common.evaluate import evaluate_akida
     from common.loaders import load_dataset
     from common.metrics import headline
+    from qanafed.cli._readable import describe, scoring_indices
 
     ds = load_dataset(data)
-    indices = None
-    if split is not None:
-        from common.splits import Split
-
-        if part not in ("train", "val", "test"):
-            raise ConfigError(f"--part {part!r} is not a split part", "use train, val or test")
-        indices = getattr(Split.load(split, ds), part)
+    indices, skipped = scoring_indices(ds, split, part, strict=strict)
     names = [c.strip() for c in classes.split(",")] if classes else None
     with stage_progress() as progress, stdout_to_stderr():
         result = evaluate_akida(
@@ -163,6 +164,10 @@ def evaluate(
             indices=indices,
             progress=lambda d, t: progress("load", d, t),
         )
+    result["skipped_unreadable"] = len(skipped)
+    if skipped:
+        console.print(f"[yellow]skipped {len(skipped)} unreadable image(s)[/] (--strict stops "
+                      f"instead): {describe(skipped)}", highlight=False, soft_wrap=True)
     if json_out:
         print_json(result)
         return

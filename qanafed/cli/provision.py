@@ -32,12 +32,19 @@ def provision(
         "--out", "-o", help="KITS folder; re-running on it adds/updates/revokes incrementally.")],
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print what was done as JSON on stdout.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Write kits into a non-empty folder that holds no earlier kits.")] = False,
 ) -> None:
     """Create or update the CA, keys and kits of a federation (no key material is printed)."""
     from common.errors import QanafedError
+    from common.outdir import check_out_dir
+    from deploy.provision import MANIFEST
     from deploy.provision import provision as run
 
     try:
+        # A KITS folder of earlier kits (it has the manifest) is updated incrementally.
+        update = (out / MANIFEST).is_file()
+        check_out_dir(out, inputs={"PROJECT": project}, force=force or update)
         result = run(project, out)
     except QanafedError as err:
         console.print(f"[bold red]error:[/] {err.problem}")
