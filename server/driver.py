@@ -152,7 +152,7 @@ class FederatedRun:
             self.on_event(event)
 
     def _label(self, node: int) -> str:
-        return self.sites.get(node, f"node-{node}")
+        return self.sites.get(node, f"node {node} (site id not known yet)")
 
     def _fresh_state(self) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
         state = {
@@ -234,7 +234,8 @@ class FederatedRun:
         # (and TensorFlow), so it gets the connect timeout, not the round timeout.
         timeout = max(self.cfg.timeouts.connect, self.cfg.timeouts.round)
         result = run_round(self.grid, contents, P.HELLO, timeout, self.cfg.quorum.min_replies,
-                           what="hello")
+                           label=self._label, what="hello",
+                           timeout_key="timeouts.connect (hello waits for it)")
         for node, msg in result.replies.items():
             self.sites[node] = str(msg.content.config_records[P.REPORT][P.SITE_ID])
         dup = {s for s in self.sites.values() if list(self.sites.values()).count(s) > 1}

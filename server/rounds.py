@@ -118,6 +118,7 @@ def run_round(
     min_replies: int,
     label: Callable[[int], str] = str,
     what: str = "round",
+    timeout_key: str = "timeouts.round",
 ) -> RoundResult:
     """Send one message per node, wait at most ``timeout``, and demand ``min_replies`` good replies.
 
@@ -137,6 +138,8 @@ def run_round(
         Names a node in logs (its site id when known).
     what : str (default: "round")
         Names the round in logs and errors.
+    timeout_key : str (default: "timeouts.round")
+        The scenario key of ``timeout``, suggested when sites did not reply in time.
 
     Raises
     ------
@@ -168,8 +171,10 @@ def run_round(
             f"{what}: only {len(result.replies)} of {len(contents)} site(s) replied usefully "
             f"within {timeout:g} s; quorum.min-replies={min_replies}. Failures: "
             + "; ".join(f"{label(n)}: {w}" for n, w in result.failures.items()),
-            "fix the failing sites (see their logs), raise timeouts.round, or lower "
-            "quorum.min-replies; then rerun with --resume",
+            "fix the failing sites (see their logs)"
+            + (f", raise {timeout_key}" if any(w.startswith("no reply") for w in
+                                               result.failures.values()) else "")
+            + ", or lower quorum.min-replies; then rerun with --resume",
         )
     log.info("%s: %d/%d replies in %.1f s", what, len(result.replies), len(contents),
              result.seconds)

@@ -15,21 +15,24 @@ from qanafed.cli._common import console
 
 
 def _keys(out: Path, metrics_key: Path | None) -> tuple[Path, Path]:
-    """Coordinator metrics key pair: the given private key, the run's own, or a new one."""
+    """Coordinator metrics key pair: the given private key, the run's own, or a new one.
+
+    The run's own pair lives outside the shareable run folder (``sim_checks.key_paths``).
+    """
     from cryptography.hazmat.primitives import serialization
 
-    from common.keyfiles import write_public
+    from common.keyfiles import private_dir, write_public
     from common.metrics_crypto import load_metrics_private_key, save_metrics_keypair
+    from qanafed.cli.sim_checks import key_paths
 
-    keys = out / "keys"
-    public = keys / "metrics.pub"
+    private, public = key_paths(out)
+    private_dir(private.parent)
     if metrics_key is not None:
         pub = load_metrics_private_key(metrics_key).public_key()
         write_public(public, pub.public_bytes(serialization.Encoding.PEM,
                                               serialization.PublicFormat.SubjectPublicKeyInfo),
                      overwrite=True)
         return metrics_key, public
-    private = keys / "metrics.key"
     if not private.is_file():
         save_metrics_keypair(private, public, overwrite=True)
     return private, public
@@ -82,22 +85,44 @@ def sim(
         "min(sites, CPU cores).")] = None,
     metrics_key: Annotated[Path | None, typer.Option(
         "--metrics-key", exists=True, dir_okay=False,
-        help="Coordinator metrics private key (PEM); default: OUT/keys/metrics.key, created "
-        "if missing.")] = None,
+        help="Coordinator metrics private key (PEM); default: OUT.keys/metrics.key beside "
+        "OUT (not in the shareable run folder), created if missing.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Delete what OUT holds (another run) and start a new run.")] = False,
+    allow_no_training: Annotated[bool, typer.Option(
+        "--allow-no-training",
+        help="Run a scenario with no training rounds (rounds.warmup and rounds.qat 0).")] = False,
     verbose_flower: Annotated[bool, typer.Option(
         "--verbose-flower", help="Flower debug logs.")] = False,
 ) -> None:
     """Run a federated scenario on the Simulation Engine: one simulated SuperNode per site."""
-    from client.client_app import app as client_app
     from common.fedconfig import load_config
+    from qanafed.cli import sim_checks
+
+    cfg = load_config(config, {"data": data} if data else None)
+    sim_checks.check_data(cfg, "--data" if data else f"`data` of {config}")
+    sim_checks.check_rounds(cfg, config, allow_no_training)
+    sim_checks.check_out(out, cfg, {"--config": config, "--data": cfg.data,
+                                    "--metrics-key": metrics_key}, resume=resume, force=force)
+
+    from client.client_app import app as client_app
     from server.driver import plan
     from server.plots import write_plots
     from server.server_app import make_server_app
     from server.simulation import simulate
 
-    cfg = load_config(config, {"data": data} if data else None)
+    if force:
+        sim_checks.clear(out)
     out.mkdir(parents=True, exist_ok=True)
     private, public = _keys(out, metrics_key)
+    if out.resolve() in private.resolve().parents:
+        console.print(f"[yellow]warning:[/] the metrics private key {private} is inside the run "
+                      f"folder (an earlier qanafed put it there): remove {private.parent} from "
+                      f"any copy of {out} you share", highlight=False, soft_wrap=True)
+    else:
+        console.print(f"metrics private key: {private} (outside the run folder {out}, which "
+                      "is safe to share; --resume finds the key there)",
+                      highlight=False, soft_wrap=True)
     cfg = cfg.model_copy(update={"metrics_key": str(public.resolve())})
     server_app = make_server_app({"scenario-config": cfg, "out-dir": str(out),
                                   "metrics-private-key": str(private), "resume": resume})
