@@ -199,7 +199,10 @@ def save_metrics_keypair(
     return public
 
 
-_KEYGEN_HINT = "generate the coordinator's metrics key pair with save_metrics_keypair()"
+_KEYGEN_HINT = (
+    "create the coordinator's metrics key pair with `qanafed provision PROJECT.yaml --out KITS` "
+    "(KITS/coordinator/metrics.key), or let `qanafed sim` create one (omit --metrics-key)"
+)
 
 
 def load_metrics_private_key(path: str | Path) -> X25519PrivateKey:

@@ -334,7 +334,7 @@ def test_missing_key_files_name_the_file_and_the_fix(tmp_path):
         with pytest.raises(SecurityError, match="does not exist") as err:
             loader(tmp_path / "absent.pem")
         assert str(tmp_path / "absent.pem") in str(err.value)
-        assert "save_metrics_keypair" in str(err.value)
+        assert "qanafed provision" in str(err.value)
 
 
 def test_garbage_or_wrong_key_type_is_refused_by_name(tmp_path):

@@ -165,15 +165,16 @@ def prepare_edge_learning(
             raise ModelError(
                 f"layer {spike_layer.name!r} emits no spikes on the {len(counts)} sample images "
                 f"(max {int(counts.max())} per image)",
-                "check that the images are raw 0-255 pixels and that the backbone is trained "
-                "and calibrated on similar images, or pass num_weights explicitly",
+                "learn from a model trained longer or wider on similar images (qanafed model "
+                "train --epochs/--width), and check the images are raw 0-255 pixels",
             )
         num_weights = max(1, round(NUM_WEIGHTS_FACTOR * median))
     inputs = int(np.prod(spike_layer.output_dims))
     if not 1 <= num_weights <= inputs:
         raise ModelError(
             f"num_weights={num_weights} must be between 1 and the {inputs} spike inputs",
-            "leave num_weights=None to derive it from the spike counts",
+            "let the spike counts set it (qanafed model learn and the scenario's edge "
+            "section do)",
         )
     edge = akida.Model(layers=model.layers[:-1])
     edge.add(akida.FullyConnected(
