@@ -75,3 +75,22 @@ def test_quorum_error_names_the_unavailable_site() -> None:
                   label={3: "a", 4: "b"}.get, what="round 3")
     assert "b: error reply" in err.value.problem
     assert "None:" not in err.value.problem
+
+
+def test_quorum_fix_suggests_the_timeout_only_when_a_site_timed_out() -> None:
+    # Prepare: sites whose ClientApp failed, then a site that stayed silent
+    failing = ReplyingGrid({3: "raised", 4: "raised"})
+    silent = ReplyingGrid({3: "raised", 4: "silent"})
+    contents = {node: RecordDict() for node in failing.answers}
+
+    # Execute
+    with pytest.raises(QuorumError) as failed:
+        run_round(failing, contents, "train.warmup", timeout=5, min_replies=1, what="hello",
+                  timeout_key="timeouts.connect")
+    with pytest.raises(QuorumError) as timed_out:
+        run_round(silent, contents, "train.warmup", timeout=5, min_replies=1, what="hello",
+                  timeout_key="timeouts.connect")
+
+    # Assert
+    assert "timeouts" not in failed.value.fix and "fix the failing sites" in failed.value.fix
+    assert "raise timeouts.connect" in timed_out.value.fix
