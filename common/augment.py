@@ -206,6 +206,7 @@ def make_dataset(
     shuffle: bool = False,
     seed: int = 0,
     config: AugmentConfig | None = None,
+    sample_probs: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """Return a batched, prefetched ``tf.data.Dataset`` of in-memory images.
 
@@ -230,6 +231,10 @@ def make_dataset(
         Seed of the shuffle and the augmentation.
     config : AugmentConfig | None (default: None)
         Augmentation knobs; ``AugmentConfig()`` when None.
+    sample_probs : np.ndarray | None (default: None)
+        Per-image sampling probabilities (e.g. :func:`common.balance.sampling_probs`): each
+        epoch then draws ``N`` images **with replacement** from this distribution (seeded,
+        re-drawn every epoch) instead of permuting them; ``shuffle`` is then implied.
 
     Yields
     ------
@@ -251,14 +256,35 @@ def make_dataset(
     n = len(images)
     pixels = tf.constant(images)
     targets = tf.constant(y)
-    ds = tf.data.Dataset.range(n)
-    if shuffle:
-        ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    if sample_probs is not None:
+        ds = _weighted_indices(np.asarray(sample_probs, dtype=np.float64), n, seed)
+    else:
+        ds = tf.data.Dataset.range(n)
+        if shuffle:
+            ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size).map(
         lambda idx: (tf.cast(tf.gather(pixels, idx), tf.float32), tf.gather(targets, idx)),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     return _finish(ds, augment, seed, cfg)
+
+
+def _weighted_indices(probs: np.ndarray, n: int, seed: int) -> tf.data.Dataset:
+    """``n`` image indices per epoch drawn with replacement from ``probs`` (seeded)."""
+    if probs.shape != (n,) or not np.all(np.isfinite(probs)) or probs.min() < 0 or probs.sum() <= 0:
+        raise DataError(
+            f"sample_probs must be {n} finite non-negative weights with a positive sum, got "
+            f"shape {probs.shape}",
+            "pass one weight per training image (common.balance.sampling_probs)",
+        )
+    cdf = tf.constant(np.cumsum(probs / probs.sum()), tf.float64)
+    draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(n)
+
+    def pick(r: tf.Tensor) -> tf.Tensor:
+        u = tf.cast(r % (1 << 32), tf.float64) / float(1 << 32)  # Dataset.random: 0..2^32-1
+        return tf.minimum(tf.searchsorted(cdf, [u], side="right")[0], n - 1)
+
+    return draws.map(pick)
 
 
 def make_file_dataset(

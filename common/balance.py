@@ -158,3 +158,32 @@ def class_weights(y: np.ndarray, num_classes: int) -> dict[int, float]:
     out = dict.fromkeys(range(num_classes), 1.0)
     out.update({int(c): float(w) for c, w in zip(present, weights, strict=True)})
     return out
+
+
+def sampling_probs(labels: np.ndarray, power: float = 1.0) -> np.ndarray:
+    """Per-image sampling probabilities that draw class ``c`` in proportion to ``n_c^(1-power)``.
+
+    ``power = 1`` gives class-balanced batches (every class equally often), ``0.5`` square-root
+    balancing, ``0`` the natural frequencies. Images of one class are equally likely.
+
+    Raises
+    ------
+    ConfigError
+        ``power`` outside [0, 1].
+    """
+    if not 0.0 <= power <= 1.0:
+        raise ConfigError(
+            f"sampling power {power} is outside [0, 1]",
+            "use 1 (class-balanced), 0.5 (square-root) or 0 (natural)",
+        )
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    counts = np.bincount(y)
+    weights = counts[y].astype(np.float64) ** (-power)
+    return weights / weights.sum()
+
+
+def effective_prior(labels: np.ndarray, num_classes: int, power: float = 0.0) -> np.ndarray:
+    """Class prior of training batches drawn with :func:`sampling_probs` at ``power``."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64).ravel(), minlength=num_classes)
+    mass = np.where(counts > 0, counts.astype(np.float64) ** (1.0 - power), 0.0)
+    return mass / mass.sum()

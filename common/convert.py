@@ -6,7 +6,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import tf_keras as keras
 
@@ -86,8 +86,13 @@ def model_hash(ak_model: akida.Model) -> str:
     return hashlib.sha256(bytes(ak_model.to_buffer())).hexdigest()
 
 
-def save_akida(ak_model: akida.Model, path: str | Path) -> Path:
+def save_akida(
+    ak_model: akida.Model, path: str | Path, meta: dict[str, Any] | None = None
+) -> Path:
     """Write an Akida model atomically (temporary file in the same folder, then rename).
+
+    With ``meta`` (:func:`common.model_meta.model_meta`) the metadata file that scoring needs
+    (classes, input size, preprocessing) is written beside it first.
 
     Returns
     -------
@@ -96,6 +101,10 @@ def save_akida(ak_model: akida.Model, path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if meta is not None:
+        from .model_meta import write_meta
+
+        write_meta(path, meta)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

@@ -13,19 +13,32 @@ from .classes import HAM_CLASSES
 from .dataset import LesionDataset
 from .errors import DataError, ModelError
 from .log import get_logger
-from .metrics import classification_metrics
 
 log = get_logger("evaluate")
 
 
 def model_class_names(model_path: str | Path, num_outputs: int) -> tuple[str, ...]:
-    """Class names of a saved model: from the ``metrics.json`` beside it, else HAM10000's 7.
+    """Class names of a saved model: from its ``.meta.json`` or the ``metrics.json`` beside it.
+
+    HAM10000's 7 classes are assumed only when neither exists and the model has 7 outputs.
 
     Raises
     ------
     ModelError
         When no sidecar names the classes and the output count is not 7.
     """
+    from .model_meta import read_meta
+
+    meta = read_meta(model_path)
+    if meta is not None:
+        names = tuple(meta["class_names"])
+        if len(names) != num_outputs:
+            raise ModelError(
+                f"the metadata beside {model_path} lists {len(names)} classes but the model "
+                f"has {num_outputs} outputs",
+                "use the .meta.json written with this model",
+            )
+        return names
     sidecar = Path(model_path).with_name("metrics.json")
     if sidecar.is_file():
         try:
@@ -78,6 +91,9 @@ def evaluate_akida(
     indices: np.ndarray | None = None,
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
+    tta: int = 1,
+    colour: str | None = None,
+    n_boot: int = 1000,
 ) -> dict[str, Any]:
     """Score a saved Akida model on a dataset, preprocessed as in training (raw 0–255 pixels).
 
@@ -95,17 +111,31 @@ def evaluate_akida(
         Images per Akida call.
     progress : Callable[[int, int], None] | None (default: None)
         Decoding progress callback.
+    tta : int (default: 1)
+        Test-time augmentation views averaged (1 = none; see :mod:`common.tta`).
+    colour : str | None (default: None)
+        Colour constancy; None takes the model's recorded setting (``.meta.json``). A
+        setting that contradicts the record is refused.
+    n_boot : int (default: 1000)
+        Bootstrap resamples (over lesions) of the 95 % intervals.
 
     Returns
     -------
     dict[str, Any]
-        The keys of ``metrics.json`` results: ``accuracy``, ``balanced_accuracy``,
-        ``macro_f1``, ``per_class``, ``confusion_matrix``, ``num_examples``, plus ``model``.
+        The keys of ``metrics.json`` results (``accuracy``, ``balanced_accuracy``,
+        ``macro_f1``, ``per_class``, ``confusion_matrix``, ``num_examples`` and the clinical
+        keys of :func:`common.clinical.clinical_metrics`), plus ``model``, ``preprocessing``
+        and ``tta``.
     """
+    from .clinical import subgroups_from_metadata
     from .convert import load_akida
+    from .model_meta import resolve_colour
     from .preprocess import load_arrays
-    from .train import predict_akida
+    from .train import score_logits
+    from .tta import check_tta
 
+    check_tta(tta)
+    colour, colour_source = resolve_colour(model_path, colour)
     ak_model = load_akida(model_path)
     height, width, channels = (int(d) for d in ak_model.input_shape)
     num_outputs = int(np.prod(ak_model.output_shape))
@@ -120,8 +150,12 @@ def evaluate_akida(
     if indices is not None:
         ds = ds.subset(indices)
     y_true = map_labels(ds, names)
-    x = load_arrays(ds, height, progress=progress)
-    y_pred = predict_akida(ak_model, x, batch_size=batch_size)
-    result = classification_metrics(y_true, y_pred, names)
+    x = load_arrays(ds, height, progress=progress, colour=colour)
+    result = score_logits(
+        ak_model, x, y_true, names, tta,
+        lesion_ids=ds.lesion_ids, subgroups=subgroups_from_metadata(ds.sites, ds.metadata),
+        n_boot=n_boot,
+    )
     result["model"] = {"path": str(model_path), "input_size": height, "classes": list(names)}
+    result["preprocessing"] = {"colour_constancy": colour, "source": colour_source}
     return result

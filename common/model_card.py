@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_text
 from .log import get_logger
 
 __all__ = ["MODEL_CARD_NAME", "render_model_card", "write_model_card"]
@@ -62,7 +61,7 @@ def write_model_card(path: str | Path, payload: Mapping[str, Any]) -> Path:
     out = Path(path)
     if out.is_dir() or not out.suffix:
         out = out / MODEL_CARD_NAME
-    _write_text_atomic(out, render_model_card(payload))
+    atomic_write_text(out, render_model_card(payload))
     log.info("wrote model card %s", out)
     return out
 
@@ -93,28 +92,6 @@ def render_model_card(payload: Mapping[str, Any]) -> str:
         _limits(p),
     ]
     return "\n\n".join(s.strip("\n") for s in sections) + "\n"
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary sibling of ``path``, fsync it, then rename it over.
-
-    ``common.atomic`` (committed) only has ``atomic_dir``, which would replace a whole run
-    folder; this single-file writer keeps the card's write atomic without that.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the card from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------- formatting helpers

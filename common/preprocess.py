@@ -7,6 +7,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
+from .colour import apply_colour, check_colour
 from .dataset import LesionDataset
 from .errors import DataError
 from .log import get_logger
@@ -43,6 +44,7 @@ def load_arrays(
     size: int,
     indices: np.ndarray | None = None,
     progress: Callable[[int, int], None] | None = None,
+    colour: str = "none",
 ) -> np.ndarray:
     """Return images of ``ds`` as uint8 ``(N, size, size, 3)``, shorter side resized, centred.
 
@@ -56,6 +58,9 @@ def load_arrays(
         Which images, in that order; all of them when None.
     progress : Callable[[int, int], None] | None (default: None)
         Called as ``progress(done, total)`` after each image.
+    colour : str (default: "none")
+        Colour constancy applied to each resized image (:data:`common.colour.COLOUR_METHODS`);
+        a model must be scored with the setting it was trained with (its ``.meta.json``).
 
     Raises
     ------
@@ -70,9 +75,10 @@ def load_arrays(
         raise DataError(
             f"indices span {idx.min()}..{idx.max()} but the dataset has {len(ds)} images"
         )
+    check_colour(colour)
     out = np.empty((len(idx), size, size, 3), dtype=np.uint8)
     for k, i in enumerate(idx.tolist()):
-        out[k] = _load_one(ds, i, size)
+        out[k] = apply_colour(_load_one(ds, i, size), colour)
         if progress is not None:
             progress(k + 1, len(idx))
     log.debug("loaded %d images at %d px", len(idx), size)

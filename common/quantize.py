@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import tf_keras as keras
@@ -168,7 +169,7 @@ def quantize_model(
     return qmodel
 
 
-def qat_compile(qmodel: keras.Model, lr: float = 1e-5) -> keras.Model:
+def qat_compile(qmodel: keras.Model, lr: float = 1e-5, loss: Any = None) -> keras.Model:
     """Compile a quantized model for quantization-aware training (an ordinary ``fit``).
 
     Parameters
@@ -177,15 +178,17 @@ def qat_compile(qmodel: keras.Model, lr: float = 1e-5) -> keras.Model:
         Output of :func:`quantize_model`.
     lr : float (default: 1e-5)
         Adam learning rate; use about a tenth of the float learning rate.
+    loss : tf_keras.losses.Loss | None (default: None)
+        Training loss; None is sparse categorical cross-entropy on logits.
 
     Returns
     -------
     tf_keras.Model
-        The same model, compiled with sparse categorical cross-entropy on logits.
+        The same model, compiled with ``loss``.
     """
     qmodel.compile(
         optimizer=keras.optimizers.Adam(lr),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
     return qmodel

@@ -16,13 +16,14 @@ from .dataset import LesionDataset
 from .errors import ConfigError, DataError, ModelError
 from .log import get_logger
 from .metrics import classification_metrics, headline
+from .tta import model_logits, tta_logits
 
 log = get_logger("train")
 
 #: ``progress(stage, done, total)`` — stage is e.g. "float", "qat", "quality", "load".
 Progress = Callable[[str, int, int], None]
 
-BALANCE_METHODS = ("smote", "oversample", "none")
+BALANCE_METHODS = ("sampler", "smote", "oversample", "none")
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -52,7 +53,27 @@ class TrainConfig:
     qat_lr : float | None (default: None)
         Adam learning rate of QAT; None means ``lr / 10``.
     balance : str (default: "smote")
-        Class balancing of the training split only: "smote", "oversample" or "none".
+        Class balancing of the training split only: "sampler" (class-balanced batch
+        sampling, no synthetic images, see ``sampling_power``), "smote", "oversample" or "none".
+    sampling_power : float (default: 0.5)
+        With ``balance="sampler"``: classes are drawn in proportion to ``n_c^(1-power)``
+        (1 = every class equally often, 0.5 = square-root, 0 = natural).
+    loss : str (default: "ce")
+        "ce" (cross-entropy) or "logit-adjusted" (cross-entropy on logits plus
+        ``la_tau · log prior`` of the batches' class distribution; inference uses plain logits).
+    la_tau : float (default: 1.0)
+        Strength of the logit adjustment.
+    colour : str (default: "none")
+        Colour constancy of every image ("none", "shades-of-gray", "gray-world"); recorded
+        beside the saved model and applied identically wherever the model is scored.
+    distill : bool (default: False)
+        Distil the trained float model into the quantized one during QAT.
+    distill_temperature : float (default: 4.0)
+        Softening temperature of distillation.
+    distill_weight : float (default: 0.5)
+        Weight of the distillation term against the label loss, in [0, 1].
+    tta : int (default: 1)
+        Test-time augmentation views (flips / 90° rotations) for the reported test scores.
     class_weighted : bool (default: False)
         Weight the loss by inverse class frequency (of the balanced training split).
     augment : bool (default: True)
@@ -97,6 +118,14 @@ class TrainConfig:
     lr_schedule: str = "cosine"
     qat_lr: float | None = None
     balance: str = "smote"
+    sampling_power: float = 0.5
+    loss: str = "ce"
+    la_tau: float = 1.0
+    colour: str = "none"
+    distill: bool = False
+    distill_temperature: float = 4.0
+    distill_weight: float = 0.5
+    tta: int = 1
     class_weighted: bool = False
     augment: bool = True
     val: float = 0.15
@@ -138,6 +167,30 @@ class TrainConfig:
                 f"min_agreement={self.min_agreement} is outside (0, 1]", "use e.g. 0.9 or 0.99"
             )
         self._check_pact_sgt()
+        self._check_recipe()
+
+    def _check_recipe(self) -> None:
+        """Validate the loss, sampling, colour, distillation and TTA options."""
+        from .balance import sampling_probs
+        from .colour import check_colour
+        from .losses import LOSSES, check_distillation
+        from .tta import check_tta
+
+        if self.loss not in LOSSES:
+            raise ConfigError(
+                f"loss={self.loss!r} is not a training loss", f"use one of {', '.join(LOSSES)}"
+            )
+        if not (np.isfinite(self.la_tau) and self.la_tau >= 0):
+            raise ConfigError(f"la_tau={self.la_tau} is not >= 0", "use e.g. 1.0 (0: plain CE)")
+        sampling_probs(np.array([0]), self.sampling_power)
+        check_colour(self.colour)
+        check_distillation(self.distill_temperature, self.distill_weight)
+        check_tta(self.tta)
+        if self.distill and self.sgt:
+            raise ConfigError(
+                "distill and sgt are both on; each replaces the QAT training step",
+                "choose one of --distill and --sgt",
+            )
 
     def _check_pact_sgt(self) -> None:
         """Validate the PACT and SGT options (checked even when the method is off)."""
@@ -174,6 +227,8 @@ class SplitArrays:
     y_test: np.ndarray
     class_names: tuple[str, ...]
     info: dict[str, Any] = field(default_factory=dict)
+    test_lesions: np.ndarray | None = None
+    test_groups: dict[str, np.ndarray] | None = None
 
 
 def prepare_arrays(
@@ -237,14 +292,24 @@ def prepare_arrays(
     parts = {}
     for name in ("train", "val", "test"):
         idx = getattr(split, name)
-        parts[name] = (load_arrays(ds, cfg.size, idx, progress=load), ds.labels[idx])
+        parts[name] = (
+            load_arrays(ds, cfg.size, idx, progress=load, colour=cfg.colour),
+            ds.labels[idx],
+        )
     x_train, y_train = parts["train"]
     info["train_before_balance"] = int(len(y_train))
-    x_train, y_train = balance_train(x_train, y_train, cfg.balance, seed=cfg.seed)
+    if cfg.balance != "sampler":  # the sampler balances batches, not the arrays
+        x_train, y_train = balance_train(x_train, y_train, cfg.balance, seed=cfg.seed)
     info["train_after_balance"] = int(len(y_train))
     info["split_counts"] = split.class_counts(ds)
+    from .clinical import subgroups_from_metadata
+
+    test_ds = ds.subset(split.test)
+    info["lesions"] = int(len(np.unique(ds.lesion_ids)))
     arrays = SplitArrays(
-        x_train, y_train, *parts["val"], *parts["test"], class_names=ds.class_names, info=info
+        x_train, y_train, *parts["val"], *parts["test"], class_names=ds.class_names, info=info,
+        test_lesions=test_ds.lesion_ids,
+        test_groups=subgroups_from_metadata(test_ds.sites, test_ds.metadata),
     )
     return arrays, split
 
@@ -257,21 +322,21 @@ def _stage(progress: Progress | None, stage: str) -> Callable[[int, int], None] 
 
 def predict_keras(model: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Top-1 predictions of a (float or quantized) Keras model on raw 0–255 images."""
-    logits = model.predict(images.astype(np.float32), batch_size=batch_size, verbose=0)
-    return np.asarray(logits).reshape(len(images), -1).argmax(axis=-1)
+    return model_logits(model, images, batch_size).argmax(axis=-1)
 
 
 def predict_akida(ak_model: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Top-1 predictions of an Akida model on raw uint8 images."""
-    from .preprocess import check_pixel_range
+    return model_logits(ak_model, images, batch_size).argmax(axis=-1)
 
-    check_pixel_range(images)
-    x = images.astype(np.uint8)
-    out = [
-        np.asarray(ak_model.predict(x[i : i + batch_size])).reshape(len(x[i : i + batch_size]), -1)
-        for i in range(0, len(x), batch_size)
-    ]
-    return np.concatenate(out).argmax(axis=-1)
+
+def training_loss(cfg: TrainConfig, y_train: np.ndarray, num_classes: int) -> Any:
+    """Return the label loss of ``cfg`` for batches drawn from ``y_train`` as ``cfg`` draws them."""
+    from .balance import effective_prior
+    from .losses import make_loss
+
+    power = cfg.sampling_power if cfg.balance == "sampler" else 0.0
+    return make_loss(cfg.loss, effective_prior(y_train, num_classes, power), cfg.la_tau)
 
 
 def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
@@ -322,7 +387,7 @@ def fit_selecting_on_val(
     import tf_keras as keras
 
     from .augment import make_dataset
-    from .balance import class_weights
+    from .balance import class_weights, sampling_probs
 
     train = make_dataset(
         arrays.x_train,
@@ -331,6 +396,9 @@ def fit_selecting_on_val(
         augment=cfg.augment,
         shuffle=True,
         seed=cfg.seed,
+        sample_probs=(
+            sampling_probs(arrays.y_train, cfg.sampling_power) if cfg.balance == "sampler" else None
+        ),
     )
     weights = class_weights(arrays.y_train, len(arrays.class_names)) if cfg.class_weighted else None
     best = {"score": -1.0, "epoch": 0, "weights": model.get_weights()}
@@ -436,7 +504,7 @@ def train_float(
         model = apply_pact(model, alpha_init=cfg.pact_alpha_init, l2=cfg.pact_l2)
     model.compile(
         optimizer=keras.optimizers.Adam(cfg.lr),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=training_loss(cfg, arrays.y_train, len(arrays.class_names)),
     )
     trainer = _sgt_trainer(model, cfg, cfg.lr) if cfg.sgt else None
     record = fit_selecting_on_val(model, arrays, cfg, cfg.epochs, stage, progress,
@@ -495,11 +563,43 @@ def quantize_and_qat(
         )["balanced_accuracy"]
     }
     if cfg.qat_epochs > 0:
-        qat_compile(qmodel, cfg.effective_qat_lr)
+        loss = training_loss(cfg, arrays.y_train, len(arrays.class_names))
+        qat_compile(qmodel, cfg.effective_qat_lr, loss=loss)
         trainer = _sgt_trainer(qmodel, cfg, cfg.effective_qat_lr) if cfg.sgt else None
+        if cfg.distill:
+            import tf_keras as keras
+
+            from .losses import DistillationModel
+
+            trainer = DistillationModel(
+                qmodel, float_model, cfg.distill_temperature, cfg.distill_weight
+            )
+            trainer.compile(optimizer=keras.optimizers.Adam(cfg.effective_qat_lr), loss=loss)
         record["qat"] = fit_selecting_on_val(qmodel, arrays, cfg, cfg.qat_epochs, stage,
                                              progress, trainer=trainer)
     return qmodel, record
+
+
+def score_logits(
+    model: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    class_names: tuple[str, ...],
+    tta: int = 1,
+    **clinical: Any,
+) -> dict[str, Any]:
+    """Clinical metrics of ``model`` (Keras or Akida) on ``x``, with ``tta`` views averaged.
+
+    ``clinical`` goes to :func:`common.clinical.clinical_metrics` (``lesion_ids`` for the
+    lesion bootstrap, ``subgroups``, ``seed`` ...). The result also says how the outputs
+    were made (``tta``: views and milliseconds per image per view).
+    """
+    from .clinical import clinical_metrics, softmax
+
+    logits, info = tta_logits(model, x, tta)
+    result = clinical_metrics(y, softmax(logits), class_names, **clinical)
+    result["tta"] = info
+    return result
 
 
 def variant_with_bits(variant: str, bits: int | None) -> Any:
@@ -553,15 +653,12 @@ def train_and_convert(
     # is scored after it, and the Akida model reproduces it bit for bit.
     ak_model = convert_exact(qmodel, cfg.variant)
     parity = check_parity(qmodel, ak_model, arrays.x_test, min_agreement=cfg.min_agreement)
-    names = arrays.class_names
     metrics = {
-        "float": classification_metrics(arrays.y_test, predict_keras(model, arrays.x_test), names),
-        "quantized": classification_metrics(
-            arrays.y_test, predict_keras(qmodel, arrays.x_test), names
-        ),
-        "akida": classification_metrics(
-            arrays.y_test, predict_akida(ak_model, arrays.x_test), names
-        ),
+        kind: score_logits(
+            m, arrays.x_test, arrays.y_test, arrays.class_names, cfg.tta,
+            lesion_ids=arrays.test_lesions, subgroups=arrays.test_groups, seed=cfg.seed,
+        )
+        for kind, m in (("float", model), ("quantized", qmodel), ("akida", ak_model))
     }
     for kind, m in metrics.items():
         log.info("test %-9s %s", kind, headline(m))
@@ -591,13 +688,26 @@ def write_run(
     from quantizeml import save_model
 
     from .convert import save_akida
+    from .model_card import write_model_card
+    from .model_meta import model_meta
 
     out = Path(out)
+    cfg = payload["config"]
+    meta = model_meta(
+        variant=payload["variant"],
+        size=payload["size"],
+        class_names=payload["class_names"],
+        colour=cfg.get("colour", "none"),
+        tta=cfg.get("tta", 1),
+        akida_hash=payload.get("akida_hash"),
+    )
     with atomic_dir(out) as tmp:
-        save_akida(result["akida_model"], tmp / "model.fbz")
+        save_akida(result["akida_model"], tmp / "model.fbz", meta=meta)
         save_model(result["quantized_model"], str(tmp / "quantized.h5"))
         result["float_model"].save(tmp / "float.h5")
-        (tmp / "metrics.json").write_text(json.dumps(payload, indent=2, default=_json_default))
+        text = json.dumps(payload, indent=2, default=_json_default)
+        (tmp / "metrics.json").write_text(text)
+        write_model_card(tmp / "model_card.md", json.loads(text))
         if split is not None:
             split.save(tmp / "split.json")
     return out
@@ -637,6 +747,7 @@ def run_training(
         "size": cfg.size,
         "class_names": list(arrays.class_names),
         "config": asdict(cfg),
+        "preprocessing": {"colour_constancy": cfg.colour, "size": cfg.size, "tta": cfg.tta},
         "data": arrays.info,
         "split": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
         "training": result["training"],

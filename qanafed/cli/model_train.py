@@ -57,9 +57,27 @@ def train(
         str, typer.Option(help="Per-stage learning-rate schedule: cosine|constant.")
     ] = "cosine",
     width: Annotated[float, typer.Option(help="Channel width multiplier.")] = 1.0,
-    balance: Annotated[str, typer.Option(help="Train balancing: smote|oversample|none.")] = (
-        "smote"
-    ),
+    balance: Annotated[
+        str, typer.Option(help="Train balancing: sampler|smote|oversample|none.")
+    ] = "smote",
+    sampling_power: Annotated[
+        float, typer.Option(help="--balance sampler: 1 class-balanced, 0.5 sqrt, 0 natural.")
+    ] = 0.5,
+    loss: Annotated[str, typer.Option(help="Training loss: ce|logit-adjusted.")] = "ce",
+    la_tau: Annotated[float, typer.Option(help="Logit-adjustment strength (>= 0).")] = 1.0,
+    colour: Annotated[
+        str, typer.Option(help="Colour constancy: none|shades-of-gray|gray-world.")
+    ] = "none",
+    distill: Annotated[
+        bool, typer.Option(help="Distil the float model into the quantized one in QAT.")
+    ] = False,
+    distill_temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 4.0,
+    distill_weight: Annotated[
+        float, typer.Option(help="Weight of the distillation term, in [0, 1].")
+    ] = 0.5,
+    tta: Annotated[
+        int, typer.Option(help="Test-time augmentation views for the test scores (1-8).")
+    ] = 1,
     class_weighted: Annotated[bool, typer.Option(help="Class-weighted loss.")] = False,
     augment: Annotated[bool, typer.Option(help="Augment training batches.")] = True,
     split: Annotated[Path | None, typer.Option(help="Reuse a split file (data split).")] = None,
@@ -104,6 +122,14 @@ def train(
         qat_lr=qat_lr,
         lr_schedule=lr_schedule,
         balance=balance,
+        sampling_power=sampling_power,
+        loss=loss,
+        la_tau=la_tau,
+        colour=colour,
+        distill=distill,
+        distill_temperature=distill_temperature,
+        distill_weight=distill_weight,
+        tta=tta,
         class_weighted=class_weighted,
         augment=augment,
         seed=seed,
@@ -142,6 +168,13 @@ def evaluate(
     ] = None,
     split: Annotated[Path | None, typer.Option(help="Score one part of this split file.")] = None,
     part: Annotated[str, typer.Option(help="Which part of --split: train|val|test.")] = "test",
+    tta: Annotated[
+        int, typer.Option(help="Test-time augmentation views averaged (1-8: flips, rotations).")
+    ] = 1,
+    colour: Annotated[
+        str | None,
+        typer.Option(help="Colour constancy; default: the model's own (from its .meta.json)."),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     strict: Annotated[
         bool, typer.Option(help="Stop at an unreadable image instead of skipping and counting it.")
@@ -163,6 +196,8 @@ def evaluate(
             class_names=names,
             indices=indices,
             progress=lambda d, t: progress("load", d, t),
+            tta=tta,
+            colour=colour,
         )
     result["skipped_unreadable"] = len(skipped)
     if skipped:
