@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import akida
 import numpy as np
 import pytest
 
 import common  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from common.errors import ConfigError, DataError, ModelError
-
-akida = pytest.importorskip("akida")
 
 SIZE = 32
 OLD = [0, 1, 2, 3]  # classes the backbone is trained on

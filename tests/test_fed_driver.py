@@ -15,20 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray.cloudpickle
 
-pytest.importorskip("ray")
+from client.client_app import SitePhases, make_client_app
+from common.checkpoint import load_latest
+from common.fedconfig import FedConfig, parse_config
+from common.metrics_crypto import save_metrics_keypair
+from common.site import site_seed
+from server.rounds import QuorumError
+from server.server_app import make_server_app
+from server.simulation import simulate
+
 pytestmark = pytest.mark.slow
-
-import ray.cloudpickle  # noqa: E402
-
-from client.client_app import SitePhases, make_client_app  # noqa: E402
-from common.checkpoint import load_latest  # noqa: E402
-from common.fedconfig import FedConfig, parse_config  # noqa: E402
-from common.metrics_crypto import save_metrics_keypair  # noqa: E402
-from common.site import site_seed  # noqa: E402
-from server.rounds import QuorumError  # noqa: E402
-from server.server_app import make_server_app  # noqa: E402
-from server.simulation import simulate  # noqa: E402
 
 # Ray workers cannot import this test module by name: ship its functions by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

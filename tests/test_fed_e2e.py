@@ -9,10 +9,8 @@ import json
 
 import pytest
 
-pytest.importorskip("ray")
-
-from common.fedconfig import parse_config  # noqa: E402
-from common.metrics_crypto import save_metrics_keypair  # noqa: E402
+from common.fedconfig import parse_config
+from common.metrics_crypto import save_metrics_keypair
 
 pytestmark = pytest.mark.slow
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
+import akida
 import numpy as np
 import pytest
 
@@ -11,8 +12,6 @@ import common  # noqa: F401  (legacy Keras env)
 from common.metrics import classification_metrics
 from common.parity import check_parity
 from common.train import SplitArrays, TrainConfig, train_and_convert
-
-akida = pytest.importorskip("akida")
 
 SIZE = 48
 CLASSES = 4

@@ -194,10 +194,9 @@ def test_summary_counts_every_image_once(ds):
 @pytest.mark.realdata
 def test_real_ham10000_natural_partition_gives_its_four_sites(ham_dir):
     # Prepare
-    loaders = pytest.importorskip("common.loaders")
-    if not hasattr(loaders, "load_dataset"):
-        pytest.skip("common.loaders.load_dataset is not available yet")
-    ds = loaders.load_dataset(ham_dir)
+    from common.loaders import load_dataset
+
+    ds = load_dataset(ham_dir)
 
     # Execute
     parts = partition(ds, "natural")

@@ -176,7 +176,8 @@ def test_tls_handshake_refuses_another_ca(tls_server, tmp_path):
 
 def test_grpc_tls_handshake_like_flower(kit):
     # Flower's SuperNode talks gRPC with ssl_channel_credentials(root_certificates=ca.crt).
-    grpc = pytest.importorskip("grpc")
+    import grpc
+
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
     credentials = grpc.ssl_server_credentials([(kit["key"].read_bytes(), kit["cert"].read_bytes())])
     port = server.add_secure_port("127.0.0.1:0", credentials)
