@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import akida
 import numpy as np
 import pytest
 import tf_keras as keras
@@ -14,8 +15,6 @@ from common.models import HEAD_DENSE, StageSpec, VariantInfo, create_model, list
 from common.parity import check_parity
 from common.quantize import qat_compile, quantize_model
 
-akida = pytest.importorskip("akida")
-
 CLASSES = 3
 #: Tiny stage tables per target (few layers: quantizeml/cnn2snn cost grows with layer count).
 TINY_STAGES = {
@@ -25,6 +24,12 @@ TINY_STAGES = {
 }
 #: Virtual devices to map on, per target.
 DEVICES = {"akd1000": "AKD1000", "akida2": "TwoNodesIPv2"}
+#: Variants per behaviour, so that every case runs (no skips).
+CONVERTIBLE = [v for v in list_variants() if v.convertible]
+FLOAT = [v for v in list_variants() if not v.convertible]
+EDGE = [v for v in CONVERTIBLE if v.edge_learning]
+#: The variant whose tiny model has Ghost modules (``s1_b0_ghost_cheap``).
+GHOST = [v for v in CONVERTIBLE if v.name == "qana-akd1000"]
 
 
 def tiny_model(info: VariantInfo) -> keras.Model:
@@ -36,35 +41,50 @@ def images(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
 
 
-@pytest.fixture(scope="module", params=list_variants(), ids=lambda v: v.name)
+_CONVERSIONS: dict[str, tuple] = {}
+
+
+def convert_tiny(info: VariantInfo) -> tuple:
+    """(info, model, qmodel, akida model) of a convertible variant, built once per session."""
+    if info.name not in _CONVERSIONS:
+        keras.backend.clear_session()  # layer names (e.g. "dequantizer") start from scratch
+        model = tiny_model(info)
+        qmodel = quantize_model(model, info, images(16, seed=0), batch_size=8)
+        _CONVERSIONS[info.name] = (info, model, qmodel, convert_exact(qmodel, info))
+    return _CONVERSIONS[info.name]
+
+
+def variants(infos: list[VariantInfo]):
+    return pytest.mark.parametrize("converted", infos, ids=lambda v: v.name, indirect=True)
+
+
+@pytest.fixture
 def converted(request):
-    """(info, qmodel, akida model) per variant; qmodel/akida are None for float variants."""
-    info: VariantInfo = request.param
-    keras.backend.clear_session()
+    """(info, model, qmodel, akida model) of the variant the test is parametrized with."""
+    return convert_tiny(request.param)
+
+
+@pytest.mark.parametrize("info", FLOAT, ids=lambda v: v.name)
+def test_float_reference_is_refused(info):
+    # Prepare
     model = tiny_model(info)
-    if not info.convertible:
-        return info, model, None, None
-    qmodel = quantize_model(model, info, images(16, seed=0), batch_size=8)
-    return info, model, qmodel, convert_exact(qmodel, info)
+    # Execute / Assert: refused before quantizeml runs, naming the layer and the reason
+    with pytest.raises(ModelError, match=r"layer '\w+' \(\w+\) .+"):
+        quantize_model(model, info, images(4, seed=0))
 
 
-def test_convert_or_refuse(converted):
+@variants(CONVERTIBLE)
+def test_converts(converted):
     info, model, qmodel, ak_model = converted
-    if not info.convertible:
-        # Execute / Assert: refused before quantizeml runs, naming the layer and the reason
-        with pytest.raises(ModelError, match=r"layer '\w+' \(\w+\) .+"):
-            quantize_model(model, info, images(4, seed=0))
-        return
     # Assert
     assert tuple(ak_model.output_shape) == (1, 1, CLASSES)
     assert tuple(ak_model.input_shape) == (16, 16, 3)
     assert ak_model.layers[-1].name in (HEAD_DENSE, "dequantizer")
 
 
+@variants(CONVERTIBLE)
 def test_parity_with_quantized_keras(converted):
     info, _, qmodel, ak_model = converted
-    if not info.convertible:
-        pytest.skip(f"{info.name} is a float reference")
     # Execute
     report = check_parity(qmodel, ak_model, images(12, seed=1), strict=True)
     # Assert
@@ -75,10 +95,9 @@ def test_parity_with_quantized_keras(converted):
     assert all(layer.mismatch_fraction == 0.0 for layer in compared)
 
 
+@variants(CONVERTIBLE)
 def test_maps_on_a_virtual_device_then_back_to_software(converted):
     info, _, _, ak_model = converted
-    if not info.convertible:
-        pytest.skip(f"{info.name} is a float reference")
     x = images(2, seed=2)
     before = ak_model.predict(x)
     # Execute
@@ -91,10 +110,9 @@ def test_maps_on_a_virtual_device_then_back_to_software(converted):
     assert np.array_equal(ak_model.predict(x), before)
 
 
+@variants(CONVERTIBLE)
 def test_same_quantized_weights_give_identical_akida_bits(converted, tmp_path):
     info, _, qmodel, ak_model = converted
-    if not info.convertible:
-        pytest.skip(f"{info.name} is a float reference")
     # Execute
     again = convert_exact(qmodel, info)  # idempotent: the same bits a second time
     path = save_akida(ak_model, tmp_path / "sub" / "model.fbz")
@@ -106,20 +124,18 @@ def test_same_quantized_weights_give_identical_akida_bits(converted, tmp_path):
     assert not [p for p in path.parent.iterdir() if p.name != "model.fbz"]  # no temp left
 
 
+@variants(EDGE)
 def test_spike_generator_emits_one_bit_on_akida_1(converted):
     info, _, _, ak_model = converted
-    if not info.edge_learning:
-        pytest.skip(f"{info.name} has no on-chip learning")
     # Execute
     before_head = ak_model.layers[-2].to_dict()["parameters"]
     # Assert
     assert before_head["act_bits"] == 1
 
 
+@variants(GHOST)
 def test_qat_step_keeps_ghost_form_and_spike_bits(converted):
     info, _, qmodel, _ = converted
-    if qmodel is None or not any(layer.name == "s1_b0_ghost_cheap" for layer in qmodel.layers):
-        pytest.skip(f"{info.name} has no Ghost modules")
     # Prepare
     x, y = images(8, seed=3).astype(np.float32), np.arange(8) % CLASSES
     qat_compile(qmodel, lr=1e-3)
@@ -173,10 +189,9 @@ def test_truncating_conversion_is_refused():
         convert_model(qmodel, "qana-akida2")
 
 
+@variants(CONVERTIBLE)
 def test_bad_inputs_are_refused_clearly(converted, tmp_path):
     info, model, qmodel, ak_model = converted
-    if not info.convertible:
-        pytest.skip(f"{info.name} is a float reference")
     bogus = tmp_path / "not_a_model.fbz"
     bogus.write_bytes(b"hello")
     # Execute / Assert
