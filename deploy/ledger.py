@@ -228,8 +228,9 @@ class LedgerReceiver:
         metrics = self.inner_receiver.open(envelope, run_id, step, site)
         phase = self.phases.get(step, "unknown")
         if metrics is None:
-            reason = ("no sealed report" if not isinstance(envelope, bytes)
-                      else "sealed report refused (tampered, replayed or misaddressed)")
+            reason = getattr(self.inner_receiver, "last_refusal", None) or (
+                "no sealed report" if not isinstance(envelope, bytes)
+                else "sealed report refused (tampered, replayed or misaddressed)")
             log.warning("ledger: round %d report of site %s refused: %s", step, site, reason)
             self.ledger.refuse(run_id, step, site, reason)
         else:

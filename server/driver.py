@@ -71,6 +71,8 @@ class Receiver:
 
         self._private_key = private_key
         self.inner = ReportReceiver(private_key, seen_ids=seen_ids)
+        #: Why the last refused report was refused (error class and problem), else None.
+        self.last_refusal: str | None = None
 
     def restore(self, seen_ids: list[str]) -> None:
         """Refuse, after a restart, the reports accepted before it."""
@@ -84,16 +86,16 @@ class Receiver:
 
     def open(self, envelope: object, run_id: str, step: int, site: str) -> dict[str, Any] | None:
         """Return the decrypted metrics, or None (logged with the reason) if refused."""
+        self.last_refusal = None
         if not isinstance(envelope, bytes):
+            self.last_refusal = "no sealed report"
             log.warning("round %d: site %s sent no sealed report; refused", step, site)
             return None
         try:
             return self.inner.open(envelope, run_id=run_id, round=step, site_id=site)
         except SecurityError as err:
-            log.warning(
-                "round %d: report from site %s refused: %s (%s)",
-                step, site, type(err).__name__, err.problem,
-            )
+            self.last_refusal = f"{type(err).__name__}: {err.problem}"
+            log.warning("round %d: report from site %s refused: %s", step, site, self.last_refusal)
             return None
 
 

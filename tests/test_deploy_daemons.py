@@ -209,24 +209,34 @@ def test_ledger_records_opened_reports_and_refuses_tampered_and_replayed(
     from deploy.ledger import Ledger, LedgerReceiver
     from server.driver import Receiver
 
+    # Prepare: site b's report is well addressed; one flipped ciphertext byte is its only defect
     private = load_metrics_private_key(kits / "coordinator" / "metrics.key")
     receiver = LedgerReceiver(Receiver(private), tmp_path / "ledger.sqlite", {1: "warmup"})
     good = encrypt_report({"test.accuracy": 0.5}, private.public_key(), run_id="r1", round=1,
                           site_id="a")
-    tampered = bytearray(good)
+    from_b = encrypt_report({"test.accuracy": 0.25}, private.public_key(), run_id="r1", round=1,
+                            site_id="b")
+    tampered = bytearray(from_b)
     tampered[-5] ^= 0xFF
 
+    # Execute
     opened = receiver.open(good, "r1", 1, "a")
     replayed = receiver.open(good, "r1", 1, "a")
     forged = receiver.open(bytes(tampered), "r1", 1, "b")
+    untouched = receiver.open(from_b, "r1", 1, "b")
 
-    assert opened == {"test.accuracy": 0.5}
+    # Assert
+    assert opened == {"test.accuracy": 0.5} and untouched == {"test.accuracy": 0.25}
     assert replayed is None and forged is None
     ledger = Ledger(tmp_path / "ledger.sqlite")
     reports = ledger.reports("r1")
     assert [(r["round"], r["site"], r["phase"], r["metrics"]) for r in reports] == [
-        (1, "a", "warmup", {"test.accuracy": 0.5})]
-    assert [(r["site"]) for r in ledger.refusals("r1")] == ["a", "b"]
+        (1, "a", "warmup", {"test.accuracy": 0.5}), (1, "b", "warmup", {"test.accuracy": 0.25})]
+    refusals = ledger.refusals("r1")
+    assert [r["site"] for r in refusals] == ["a", "b"]
+    assert refusals[0]["reason"].startswith("ReplayedReport: ")
+    assert refusals[1]["reason"].startswith("TamperedReport: ")
+    assert "failed authentication" in refusals[1]["reason"]
     summary = ledger.summary()
     assert summary[0]["refusals"] == 2 and summary[0]["last-round"] == 1
     assert "refused" in (tmp_path / "serverapp.log").read_text()
