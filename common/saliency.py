@@ -319,6 +319,102 @@ def saliency_stability(
     }
 
 
+def saliency_in_lesion(saliency: np.ndarray, mask: np.ndarray) -> float:
+    """Share of one map's saliency mass that lies inside the lesion mask.
+
+    Mass is the absolute saliency, so a signed map counts like its magnitude. 1.0: the model
+    looks only at the lesion; the lesion's area fraction: no preference (a uniform map); lower:
+    it looks at the skin around the lesion (rulers, hair, vignetting — a warning).
+
+    Parameters
+    ----------
+    saliency : np.ndarray
+        ``(H, W)`` saliency map.
+    mask : np.ndarray
+        ``(H, W)`` lesion mask (bool, or non-zero is lesion), aligned with the image.
+
+    Returns
+    -------
+    float
+        In [0, 1]; NaN when the map has no mass (all zero) or is not finite.
+
+    Raises
+    ------
+    DataError
+        Map and mask differ in shape or are not 2-d.
+    """
+    sal = np.abs(np.asarray(saliency, dtype=np.float64))
+    inside = np.asarray(mask).astype(bool)
+    if sal.ndim != 2 or sal.shape != inside.shape:
+        raise DataError(
+            f"saliency map {sal.shape} and mask {inside.shape} differ in shape or are not 2-d",
+            "pass one (H, W) map and the mask loaded at the same size (common.masks.load_masks)",
+        )
+    total = float(sal.sum())
+    if not (np.isfinite(total) and total > 0):
+        return float("nan")
+    return float(sal[inside].sum() / total)
+
+
+def saliency_in_lesion_batch(
+    saliency: np.ndarray, masks: np.ndarray, present: np.ndarray | None = None
+) -> dict[str, Any]:
+    """:func:`saliency_in_lesion` of each image, and their mean over images with a mask.
+
+    Parameters
+    ----------
+    saliency : np.ndarray
+        ``(N, H, W)`` maps.
+    masks : np.ndarray
+        ``(N, H, W)`` lesion masks.
+    present : np.ndarray | None (default: None)
+        bool ``(N,)``: which images have a mask (:func:`common.masks.load_masks`); None means
+        all of them.
+
+    Returns
+    -------
+    dict[str, Any]
+        ``mean`` (None when no image counts), ``n`` (images counted), ``skipped_no_mask``,
+        ``skipped_flat_map`` (maps with no saliency mass), ``lesion_area`` (mean mask area
+        fraction of the counted images: what a map with no preference scores) and
+        ``per_image`` (None where skipped).
+
+    Raises
+    ------
+    DataError
+        Shapes that do not match.
+    """
+    sal, m = np.asarray(saliency), np.asarray(masks).astype(bool)
+    has = np.ones(len(sal), dtype=bool) if present is None else np.asarray(present, dtype=bool)
+    if sal.ndim != 3 or sal.shape != m.shape or has.shape != (len(sal),):
+        raise DataError(
+            f"saliency maps {sal.shape}, masks {m.shape} and present flags {has.shape} do not "
+            "match",
+            "pass (N, H, W) maps, (N, H, W) masks of the same images and size, and (N,) flags",
+        )
+    per_image: list[float | None] = []
+    areas: list[float] = []
+    flat = 0
+    for s, mask, ok in zip(sal, m, has, strict=True):
+        value = saliency_in_lesion(s, mask) if ok else float("nan")
+        if ok and np.isnan(value):
+            flat += 1
+        if np.isnan(value):
+            per_image.append(None)
+        else:
+            per_image.append(value)
+            areas.append(float(mask.mean()))
+    counted = [v for v in per_image if v is not None]
+    return {
+        "mean": float(np.mean(counted)) if counted else None,
+        "n": len(counted),
+        "skipped_no_mask": int((~has).sum()),
+        "skipped_flat_map": flat,
+        "lesion_area": float(np.mean(areas)) if areas else None,
+        "per_image": per_image,
+    }
+
+
 def _safe_name(image_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(image_id)).strip("._") or "image"
 
@@ -336,6 +432,8 @@ def explain(
     top_k: float = 0.1,
     smoothgrad_n: int = 16,
     seed: int = 0,
+    masks: np.ndarray | None = None,
+    mask_present: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Write saliency overlays of a float and a quantized model and their stability summary.
 
@@ -366,11 +464,18 @@ def explain(
         Noisy samples of SmoothGrad.
     seed : int (default: 0)
         SmoothGrad noise seed (the same noise for both models).
+    masks : np.ndarray | None (default: None)
+        bool ``(N, H, W)`` lesion masks at the images' size (:func:`common.masks.load_masks`);
+        when given and at least one is present, the summary gains ``saliency_in_lesion``.
+    mask_present : np.ndarray | None (default: None)
+        bool ``(N,)``: which images have a mask; None means all of ``masks``.
 
     Returns
     -------
     dict[str, Any]
-        The summary written to ``summary.json``.
+        The summary written to ``summary.json``. With masks, ``saliency_in_lesion`` holds per
+        method and model (``float``, ``quantized``) the :func:`saliency_in_lesion_batch` scores
+        without ``per_image`` (those are in ``images`` as ``{method}_in_lesion_{model}``).
 
     Raises
     ------
@@ -387,6 +492,16 @@ def explain(
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ConfigError(f"saliency methods {list(methods)!r}", f"use {', '.join(METHODS)}")
+    if masks is not None:
+        masks = np.asarray(masks, dtype=bool)
+        if masks.shape != x.shape[:3]:
+            raise DataError(
+                f"masks have shape {masks.shape}; the {len(x)} images need {x.shape[:3]}",
+                f"load the masks of these images at size {x.shape[1]} (common.masks.load_masks)",
+            )
+        present = np.ones(len(x), bool) if mask_present is None else np.asarray(mask_present)
+        if not present.any():
+            masks = None
     names = [_safe_name(i) for i in ids]
     if len(set(names)) != len(names):
         names = [f"{k:03d}_{n}" for k, n in enumerate(names)]
@@ -408,6 +523,7 @@ def explain(
             "gradients": {},
         }
         per_method: dict[str, dict[str, Any]] = {}
+        in_lesion: dict[str, dict[str, dict[str, Any]]] = {}
         for method in methods:
             options = {"n": smoothgrad_n, "seed": seed} if method == "smoothgrad" else {}
             maps = {
@@ -418,6 +534,11 @@ def explain(
                 for name, img, s in zip(names, x, sal, strict=True):
                     overlay_png(img, s, tmp / method / f"{name}_{kind}.png")
             summary["gradients"][method] = {k: gradient_health(s) for k, s in maps.items()}
+            if masks is not None:
+                in_lesion[method] = {
+                    kind: saliency_in_lesion_batch(sal, masks, present)
+                    for kind, sal in maps.items()
+                }
             per_method[method] = saliency_stability(maps["float"], maps["quantized"], top_k)
             summary["stability"][method] = {
                 key: {"mean": per_method[method][key]["mean"],
@@ -427,6 +548,12 @@ def explain(
             log.info("%s: float→quantized Spearman %s, top-%d%% overlap %s", method,
                      per_method[method]["spearman"]["mean"], round(100 * top_k),
                      per_method[method]["top_k_overlap"]["mean"])
+        if masks is not None:
+            summary["saliency_in_lesion"] = {
+                method: {kind: {k: v for k, v in scores.items() if k != "per_image"}
+                         for kind, scores in by_kind.items()}
+                for method, by_kind in in_lesion.items()
+            }
         summary["images"] = [
             {
                 "image_id": ids[i],
@@ -438,6 +565,11 @@ def explain(
                     f"{method}_{key}": per_method[method][key]["per_image"][i]
                     for method in methods
                     for key in ("spearman", "top_k_overlap")
+                },
+                **{
+                    f"{method}_in_lesion_{kind}": scores["per_image"][i]
+                    for method, by_kind in in_lesion.items()
+                    for kind, scores in by_kind.items()
                 },
             }
             for i in range(len(x))

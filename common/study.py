@@ -74,6 +74,7 @@ class _FloatStage:
     model: Any
     saliency: np.ndarray
     targets: np.ndarray
+    masks: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def quantized_weight_bytes(qmodel: Any) -> int:
@@ -135,6 +136,7 @@ def run_study(
     progress: Progress | None = None,
     saliency_images: int = 32,
     latency_repeats: int = 3,
+    test_masks: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Run float, PTQ and QAT (± PACT, ± SGT) on one split and score every arm alike.
 
@@ -159,13 +161,17 @@ def run_study(
         Test images (a fixed seeded sample) on which saliency stability is measured.
     latency_repeats : int (default: 3)
         Timed runs per batch size (median reported).
+    test_masks : tuple[np.ndarray, np.ndarray] | None (default: None)
+        Lesion masks of the test images, ``(masks (N, size, size), present (N,))`` from
+        :func:`common.masks.load_masks`; when any of the saliency sample has one, each row
+        gains ``saliency_in_lesion`` and the study a summary of it.
 
     Returns
     -------
     dict[str, Any]
         ``rows`` (one per arm and bit width, float stages first; a failed arm has ``error``),
         ``targets`` (:func:`study_targets`), ``config``, ``bits``, ``qat_bits``, ``split``,
-        ``class_names``, ``seconds``.
+        ``class_names``, ``seconds``, ``saliency_in_lesion`` (None without masks).
 
     Raises
     ------
@@ -185,7 +191,9 @@ def run_study(
         variant_with_bits(base_cfg.variant, b)
     rng = np.random.default_rng(base_cfg.seed)
     n_sal = min(max(1, saliency_images), len(arrays.x_test))
-    sal_x = arrays.x_test[np.sort(rng.choice(len(arrays.x_test), n_sal, replace=False))]
+    sal_idx = np.sort(rng.choice(len(arrays.x_test), n_sal, replace=False))
+    sal_x = arrays.x_test[sal_idx]
+    sal_masks = _sample_masks(test_masks, len(arrays.x_test), base_cfg.size, sal_idx)
     lat_x = arrays.x_test[:32]
     names = arrays.class_names
 
@@ -204,7 +212,7 @@ def run_study(
     stages: dict[str, _FloatStage] = {}
     for pact, sgt in stage_keys:
         stage, row = _float_stage(arrays, base_cfg, pact, sgt, sal_x, lat_x, latency_repeats,
-                                  progress)
+                                  progress, sal_masks)
         stages[stage.name] = stage
         rows.append(row)
         tick()
@@ -243,8 +251,54 @@ def run_study(
         "rows": rows,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
+    study["saliency_in_lesion"] = _in_lesion_summary(rows, sal_masks)
     study["targets"] = study_targets(rows)
     return study
+
+
+def _sample_masks(
+    test_masks: tuple[np.ndarray, np.ndarray] | None, n_test: int, size: int,
+    sal_idx: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Return the masks of the saliency sample, or None when none of it has one."""
+    if test_masks is None:
+        return None
+    masks, present = (np.asarray(a, dtype=bool) for a in test_masks)
+    if masks.shape != (n_test, size, size) or present.shape != (n_test,):
+        raise DataError(
+            f"test masks {masks.shape} and present flags {present.shape} do not fit the "
+            f"{n_test} test images of {size} px",
+            f"load the test split's masks at size {size} (common.masks.load_masks)",
+        )
+    if not present[sal_idx].any():
+        return None
+    return masks[sal_idx], present[sal_idx]
+
+
+def _in_lesion(sal: np.ndarray, masks: tuple[np.ndarray, np.ndarray] | None
+               ) -> dict[str, Any] | None:
+    """Saliency-in-lesion scores of the sample's maps, without the per-image values."""
+    from .saliency import saliency_in_lesion_batch
+
+    if masks is None:
+        return None
+    scores = saliency_in_lesion_batch(sal, *masks)
+    return {k: v for k, v in scores.items() if k != "per_image"}
+
+
+def _in_lesion_summary(rows: list[dict[str, Any]],
+                       masks: tuple[np.ndarray, np.ndarray] | None) -> dict[str, Any] | None:
+    """``{images, skipped_no_mask, lesion_area, by_row: {arm@bits: mean}}`` or None."""
+    scored = [r for r in rows if r.get("saliency_in_lesion")]
+    if masks is None or not scored:
+        return None
+    first = scored[0]["saliency_in_lesion"]
+    return {
+        "images": first["n"],
+        "skipped_no_mask": first["skipped_no_mask"],
+        "lesion_area": first["lesion_area"],
+        "by_row": {f"{r['arm']}@{r['bits']}": r["saliency_in_lesion"]["mean"] for r in scored},
+    }
 
 
 def _points(value: float, reference: float) -> float:
@@ -258,6 +312,7 @@ def _scores(metrics: dict[str, Any]) -> dict[str, float]:
 def _float_stage(
     arrays: SplitArrays, base_cfg: TrainConfig, pact: bool, sgt: bool, sal_x: np.ndarray,
     lat_x: np.ndarray, repeats: int, progress: Progress | None,
+    sal_masks: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[_FloatStage, dict[str, Any]]:
     """Train one float stage; return it and its row."""
     from .saliency import vanilla_gradients
@@ -270,13 +325,15 @@ def _float_stage(
     metrics = classification_metrics(arrays.y_test, predict_keras(model, arrays.x_test),
                                      arrays.class_names)
     targets = predict_keras(model, sal_x)
-    stage = _FloatStage(name, cfg, model, vanilla_gradients(model, sal_x, targets), targets)
+    stage = _FloatStage(name, cfg, model, vanilla_gradients(model, sal_x, targets), targets,
+                        sal_masks)
     row = {
         "arm": name, "bits": 32, "float_stage": name, "kind": "float", "pact": pact,
         "sgt": sgt, "convertible": False, "scored": "keras-float", **_scores(metrics),
         "size_bytes": int(model.count_params()) * 4, "size_kind": "float32-weights",
         "latency_ms": {"keras": _latency(model, lat_x, repeats), "akida": None},
         "saliency_stability": None,
+        "saliency_in_lesion": _in_lesion(stage.saliency, sal_masks),
         "training": {"float": record},
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -334,6 +391,7 @@ def _quantized_arm(
         latency_ms=latency,
         saliency_stability={"spearman": stability["spearman"]["mean"],
                             "top_k_overlap": stability["top_k_overlap"]["mean"]},
+        saliency_in_lesion=_in_lesion(q_sal, stage.masks),
         training=record,
     )
     return row
@@ -431,6 +489,20 @@ def targets_sentence(targets: dict[str, Any]) -> str:
     return f"Targets: {first}; {second}."
 
 
+def in_lesion_sentence(study: dict[str, Any]) -> str | None:
+    """One sentence of the saliency-in-lesion scores per row, or None without masks."""
+    summary = study.get("saliency_in_lesion")
+    if not summary:
+        return None
+    scores = ", ".join(f"{row} {_fmt(mean, '.2f')}" for row, mean in summary["by_row"].items())
+    return (
+        f"Saliency in lesion (share of vanilla-gradient mass inside the lesion mask, "
+        f"{summary['images']} test images with a mask): {scores}; a map with no preference "
+        f"scores the lesion's area ({_fmt(summary['lesion_area'], '.2f')}), and a score near or "
+        "below it means the model looks at the skin around the lesion: a warning."
+    )
+
+
 def write_study(out: str | Path, study: dict[str, Any], split: Any = None) -> Path:
     """Write ``out/study.json`` and ``out/study.md`` (and ``split.json``) atomically.
 
@@ -458,6 +530,9 @@ def write_study(out: str | Path, study: dict[str, Any], split: Any = None) -> Pa
             targets_sentence(study["targets"]),
             "",
         ]
+        in_lesion = in_lesion_sentence(study)
+        if in_lesion:
+            md += [in_lesion, ""]
         (tmp / "study.md").write_text("\n".join(md))
         if split is not None:
             split.save(tmp / "split.json")

@@ -229,6 +229,7 @@ class SplitArrays:
     info: dict[str, Any] = field(default_factory=dict)
     test_lesions: np.ndarray | None = None
     test_groups: dict[str, np.ndarray] | None = None
+    test_image_ids: np.ndarray | None = None
 
 
 def prepare_arrays(
@@ -310,6 +311,7 @@ def prepare_arrays(
         x_train, y_train, *parts["val"], *parts["test"], class_names=ds.class_names, info=info,
         test_lesions=test_ds.lesion_ids,
         test_groups=subgroups_from_metadata(test_ds.sites, test_ds.metadata),
+        test_image_ids=test_ds.image_ids,
     )
     return arrays, split
 

@@ -133,7 +133,7 @@ def inspect(
     fmt: FormatOpt = None,
     extra_classes: ExtraOpt = None,
 ) -> None:
-    """Detect the format and count images, lesions, classes, sites and quality-filter drops.
+    """Detect the format and count images, lesions, classes, sites, lesion masks and drops.
 
     PATH is a dataset folder (HAM10000, ISIC, class-per-folder), a HAM10000 metadata or ISIC
     ground-truth CSV, a MedMNIST .npz file, or synthetic[:n=600,size=64,sites=3,seed=0].
@@ -141,9 +141,11 @@ def inspect(
     import numpy as np
     from rich.table import Table
 
+    from common.masks import mask_paths
     from qanafed.cli._common import console, print_json
 
     ds = _load(path, fmt, extra_classes)
+    masks = int((mask_paths(ds) != "").sum())
     sites = {s: np.flatnonzero(ds.sites == s) for s in ds.site_counts()}
     site_classes = _per_class(ds, sites)
     report = None if no_quality else _run_quality(ds)
@@ -169,13 +171,15 @@ def inspect(
                 "sites": ds.site_counts(),
                 "site_classes": site_classes,
                 "quality": quality,
+                "masks": masks,
             }
         )
         return
 
     console.print(
         f"[bold]{ds.root or path}[/] — format [cyan]{ds.format}[/], {len(ds)} images, "
-        f"{ds.num_lesions} lesions, {ds.num_classes} classes, {len(sites)} sites"
+        f"{ds.num_lesions} lesions, {ds.num_classes} classes, {len(sites)} sites, "
+        f"{masks} lesion masks"
     )
     classes = Table(title="Images per class")
     classes.add_column("class")

@@ -57,6 +57,7 @@ def explain(
     """
     from common.errors import ConfigError
     from common.loaders import load_dataset
+    from common.masks import load_masks
     from common.outdir import check_out_dir
     from common.preprocess import load_arrays
     from common.saliency import METHODS
@@ -74,10 +75,11 @@ def explain(
         ds = load_dataset(data)
         indices, source = _pick(ds, model, n, seed)
         images = load_arrays(ds, meta["size"], indices)
+        masks, present = load_masks(ds, meta["size"], indices)
         summary = run_explain(
             float_model, qmodel, images, ds.image_ids[indices], out, chosen_methods,
             class_names=meta["class_names"], labels=ds.labels[indices], top_k=top_k,
-            smoothgrad_n=smoothgrad_n, seed=seed,
+            smoothgrad_n=smoothgrad_n, seed=seed, masks=masks, mask_present=present,
         )
     if json_out:
         print_json(summary)
@@ -91,7 +93,29 @@ def explain(
             f"{'n/a' if rho is None else f'{rho:.3f}'}, top-{top_k:.0%} overlap "
             f"{'n/a' if overlap is None else f'{overlap:.3f}'}"
         )
+    _print_in_lesion(summary)
     console.print(f"wrote overlays and summary.json to {out}")
+
+
+def _print_in_lesion(summary: dict[str, Any]) -> None:
+    """Print the saliency-in-lesion scores and, once, what they mean."""
+    scores = summary.get("saliency_in_lesion")
+    if not scores:
+        return
+    area = None
+    for method, by_kind in scores.items():
+        parts = [f"{kind} " + ("n/a" if s["mean"] is None else f"{s['mean']:.2f}")
+                 for kind, s in by_kind.items()]
+        first = next(iter(by_kind.values()))
+        area = first["lesion_area"] if area is None else area
+        console.print(f"{method:<10} saliency in lesion: {', '.join(parts)} "
+                      f"({first['n']} images; {first['skipped_no_mask']} without mask)")
+    if area is not None:
+        console.print(
+            "saliency in lesion = share of the map's mass inside the lesion mask; a map with "
+            f"no preference scores the lesion's area ({area:.2f}); a score near or below it "
+            "means the model looks at the skin around the lesion: a warning"
+        )
 
 
 def register(app: typer.Typer) -> None:

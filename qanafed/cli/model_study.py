@@ -77,9 +77,18 @@ def study(
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Compare float, PTQ and QAT (with/without PACT and SGT) on one split; write a table."""
+    import numpy as np
+
     from common.loaders import load_dataset
+    from common.masks import load_masks, mask_dir
     from common.outdir import check_out_dir
-    from common.study import run_study, study_table, targets_sentence, write_study
+    from common.study import (
+        in_lesion_sentence,
+        run_study,
+        study_table,
+        targets_sentence,
+        write_study,
+    )
     from common.train import TrainConfig, prepare_arrays
     from qanafed.cli.model_train import stage_progress
 
@@ -97,14 +106,23 @@ def study(
     ds = load_dataset(data)
     with stage_progress() as progress, stdout_to_stderr():
         arrays, split = prepare_arrays(ds, cfg, progress=progress)
+        test_masks = None
+        if mask_dir(ds) is not None and arrays.test_image_ids is not None:
+            index = {image_id: i for i, image_id in enumerate(ds.image_ids.tolist())}
+            test_idx = np.array([index[i] for i in arrays.test_image_ids.tolist()], np.int64)
+            test_masks = load_masks(ds, size, test_idx)
         result = run_study(arrays, cfg, bits=bit_list, qat_bits=qat_list, arms=arm_list,
-                           progress=progress, saliency_images=saliency_images)
+                           progress=progress, saliency_images=saliency_images,
+                           test_masks=test_masks)
         write_study(out, result, split)
     if json_out:
         print_json(result)
         return
     console.print(study_table(result))
     console.print(targets_sentence(result["targets"]))
+    in_lesion = in_lesion_sentence(result)
+    if in_lesion:
+        console.print(in_lesion)
     console.print(f"wrote {out}/study.json and {out}/study.md")
 
 
