@@ -409,6 +409,7 @@ def _launch(
         "scenario": str(scenario_path), "out-dir": str(out),
         "metrics-private-key": str(kit.metrics_private_key), "resume": bool(resume),
         "stop-after": int(stop_after), "ledger": str(paths.ledger),
+        "site-nodes": str(_nodes_file(paths)),
     }
     run_config = paths.run_dir / "run-config.toml"
     run_config.write_text(tomli_w.dumps(overrides), encoding="utf-8")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from common.progress import append_event
 from common.site import pact_arrays
 
 from . import protocol as P
+from .binding import bind_sites
 from .global_model import GlobalModel
 from .reports import global_summary
 from .rounds import RoundResult, run_round, wait_for_sites
@@ -118,6 +119,9 @@ class FederatedRun:
         Continue from the last complete round in ``out_dir/checkpoints``.
     stop_after : int | None (default: None)
         Stop (as if interrupted) after this many complete rounds; for tests and drills.
+    registered : Mapping[int, str] | None (default: None)
+        Node id → site of each registered SuperNode key (deployment); a node whose ``hello``
+        claims another site is refused. None in simulation (see :func:`bind_sites`).
     """
 
     def __init__(
@@ -130,6 +134,7 @@ class FederatedRun:
         resume: bool = False,
         stop_after: int | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        registered: Mapping[int, str] | None = None,
     ) -> None:
         self.grid = grid
         self.cfg = cfg
@@ -141,6 +146,7 @@ class FederatedRun:
         self.resume = resume
         self.stop_after = stop_after
         self.on_event = on_event
+        self.registered = None if registered is None else dict(registered)
         self.strategy = make_strategy(cfg.strategy)
         self.sites: dict[int, str] = {}
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -238,12 +244,20 @@ class FederatedRun:
         result = run_round(self.grid, contents, P.HELLO, timeout, self.cfg.quorum.min_replies,
                            label=self._label, what="hello",
                            timeout_key="timeouts.connect (hello waits for it)")
-        for node, msg in result.replies.items():
-            self.sites[node] = str(msg.content.config_records[P.REPORT][P.SITE_ID])
-        dup = {s for s in self.sites.values() if list(self.sites.values()).count(s) > 1}
-        if dup:
-            raise SecurityError(f"several nodes claim site id(s) {sorted(dup)}",
-                                "give every SuperNode a distinct site-id in its node config")
+        claims = {node: str(msg.content.config_records[P.REPORT][P.SITE_ID])
+                  for node, msg in result.replies.items()}
+        admitted, refused = bind_sites(claims, self.registered)
+        for node in refused:
+            del result.replies[node]
+        if len(admitted) < self.cfg.quorum.min_replies:
+            raise SecurityError(
+                f"hello: {len(admitted)} site(s) left after refusing "
+                + "; ".join(refused.values())
+                + f" (quorum.min-replies={self.cfg.quorum.min_replies})",
+                "give every SuperNode its own site's kit (site-id and supernode.key belong "
+                "together), or revoke the key of the site that poses as another",
+            )
+        self.sites.update(admitted)
         for site, metrics in self._open_reports(result, state, 0).items():
             state["sites"][site] = metrics
         names = {tuple(m.get("class_names", ())) for m in state["sites"].values()}

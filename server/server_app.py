@@ -24,7 +24,7 @@ ModelFactory = Callable[[FedConfig, list[str]], GlobalModel]
 
 
 def _qana_factory(cfg: FedConfig, class_names: list[str]) -> GlobalModel:
-    return QanaGlobalModel(cfg, len(class_names))
+    return QanaGlobalModel(cfg, len(class_names), list(class_names))
 
 
 def _setting(settings: Mapping[str, Any], key: str, default: Any = None) -> Any:
@@ -47,7 +47,8 @@ def run_server(
         ``scenario`` (YAML path) or ``scenario-config`` (a :class:`FedConfig`), ``data``
         (override), ``out-dir``, ``metrics-private-key`` (PEM path), ``resume`` (bool),
         ``stop-after`` (int, 0 = run to the end), ``ledger`` (SQLite run ledger path; empty:
-        none).
+        none), ``site-nodes`` (deployment: the coordinator's ``nodes.json``, node id ↔ site of
+        each registered SuperNode key; empty in simulation).
     model_factory : ModelFactory (default: QANA)
         Builds the server-side model operations.
 
@@ -76,11 +77,18 @@ def run_server(
         from .driver import plan
 
         receiver = LedgerReceiver(receiver, ledger, {s.number: s.phase for s in plan(cfg)})
+    nodes_file = _setting(settings, "site-nodes")
+    registered = None
+    if nodes_file:
+        from .binding import registered_sites
+
+        registered = registered_sites(nodes_file)
     start = time.monotonic()
     run = FederatedRun(
         grid, cfg, model_factory, receiver, out_dir,
         resume=bool(_setting(settings, "resume", False)),
         stop_after=int(_setting(settings, "stop-after", 0)) or None,
+        registered=registered,
     )
     state = run.run()
     report = build_report(state, wall_seconds=round(time.monotonic() - start, 1))

@@ -19,6 +19,7 @@ import ray.cloudpickle
 
 from client.client_app import SitePhases, make_client_app
 from common.checkpoint import load_latest
+from common.errors import SecurityError
 from common.fedconfig import FedConfig, parse_config
 from common.metrics_crypto import save_metrics_keypair
 from common.site import site_seed
@@ -43,6 +44,8 @@ class ToySite:
 
 def _load(context, cfg):
     pid = int(context.node_config["partition-id"])
+    if cfg.name == "poser" and pid == 2:  # a site whose kit says it is site-0
+        return ToySite("site-0", pid)
     return ToySite(f"site-{pid}", pid)
 
 
@@ -189,3 +192,15 @@ def test_too_few_sites_stops_with_a_clear_message(tmp_path):
     with pytest.raises(QuorumError, match=r"only 3 site\(s\) connected after 2 s"):
         _run(cfg, tmp_path / "out", tmp_path / "keys")
     assert time.monotonic() - start < 60
+
+
+def test_two_nodes_claiming_one_site_id_are_both_refused_naming_both(tmp_path):
+    # Prepare: partition 2 claims site-0, which partition 0 is; the quorum needs all 3
+    cfg = _scenario(tmp_path, name="poser")
+
+    # Execute / Assert: refused at hello, before any round, with both node ids named
+    with pytest.raises(SecurityError, match=r"1 site\(s\) left after refusing node (\d+) claims "
+                       r"site 'site-0', as does node (\d+); node \2 claims site 'site-0', as "
+                       r"does node \1"):
+        _run(cfg, tmp_path / "out", tmp_path / "keys")
+    assert load_latest(tmp_path / "out" / "checkpoints") is None
