@@ -57,6 +57,9 @@ class ModelConfig(_Section):
         Channel width multiplier.
     depth : int | None (default: None)
         Ghost blocks per stage; None keeps the variant's stage table.
+    colour : str (default: "none")
+        Colour constancy every site applies to its images (``none``, ``shades-of-gray``,
+        ``gray-world``); recorded beside the global model so it is scored alike.
     """
 
     variant: Literal["qana-akd1000", "qana-akida2", "qana-float", "akidanet-akd1000"] = (
@@ -65,6 +68,7 @@ class ModelConfig(_Section):
     size: int = Field(64, ge=8, le=512)
     width: float = Field(1.0, gt=0, le=4)
     depth: int | None = Field(None, ge=1, le=8)
+    colour: Literal["none", "shades-of-gray", "gray-world"] = "none"
 
 
 class RoundsConfig(_Section):

@@ -83,6 +83,7 @@ def load_site_data(
     seed: int,
     test_fraction: float,
     site_id: str | None = None,
+    colour: str = "none",
 ) -> SiteData:
     """Load (once per process) this site's data.
 
@@ -101,6 +102,8 @@ def load_site_data(
         Fraction of lesions held out for local testing.
     site_id : str | None (default: None)
         The site's name; defaults to the partition's name.
+    colour : str (default: "none")
+        Colour constancy applied to every image (the scenario's ``model.colour``).
 
     Raises
     ------
@@ -126,7 +129,7 @@ def load_site_data(
     if len(ds) < 4:
         raise DataError(f"site {name!r} has only {len(ds)} images", "give every site more data")
     train_idx, test_idx = _lesion_split(ds, test_fraction, seed)
-    x = load_arrays(ds, size)
+    x = load_arrays(ds, size, colour=colour)
     return SiteData(
         site_id=name or "site",
         class_names=tuple(ds.class_names),
@@ -141,7 +144,7 @@ def data_of(cfg: FedConfig, partition_id: int | None, site_id: str | None) -> Si
     """Return the site's data for a scenario (cached per process)."""
     p = cfg.partition
     return load_site_data(cfg.data, cfg.model.size, partition_id, p.scheme, p.sites, p.alpha,
-                          p.seed, cfg.test_fraction, site_id)
+                          p.seed, cfg.test_fraction, site_id, cfg.model.colour)
 
 
 def new_class_index(cfg: FedConfig, class_names: tuple[str, ...]) -> int | None:

@@ -37,11 +37,16 @@ class QanaGlobalModel:
         The scenario (variant, size, width, seed).
     num_classes : int
         Output classes of the data set.
+    class_names : list[str] | None (default: None)
+        Their names, recorded beside the saved global model.
     """
 
-    def __init__(self, cfg: FedConfig, num_classes: int) -> None:
+    def __init__(
+        self, cfg: FedConfig, num_classes: int, class_names: list[str] | None = None
+    ) -> None:
         self.cfg = cfg
         self.num_classes = num_classes
+        self.class_names = class_names
         self._qmodel = None  # the quantized model built at calibration, reused to convert
 
     def _float_model(self):
@@ -88,6 +93,13 @@ class QanaGlobalModel:
         else:
             akida_model, digest = akida_from_arrays(self.cfg, self.num_classes, arrays)
         from common.convert import save_akida
+        from common.model_meta import model_meta
 
-        save_akida(akida_model, Path(out_dir) / "global_model.fbz")
+        meta = None
+        if self.class_names is not None:
+            meta = model_meta(
+                variant=self.cfg.model.variant, size=self.cfg.model.size,
+                class_names=self.class_names, colour=self.cfg.model.colour, akida_hash=digest,
+            )
+        save_akida(akida_model, Path(out_dir) / "global_model.fbz", meta=meta)
         return digest

@@ -116,3 +116,15 @@ def test_bad_pact_sgt_and_explain_values_name_the_key_and_the_value(section, whe
     text = str(err.value)
     assert re.search(where, text) and f"received {received}" in text, text
     assert "kebab-case" in text  # the fix
+
+
+def test_model_colour_constancy_is_a_scenario_setting():
+    # Prepare / Execute
+    from common.fedconfig import FedConfig
+
+    cfg = FedConfig.model_validate({"name": "c", "data": "synthetic",
+                                    "model": {"colour": "shades-of-gray"}})
+    # Assert: accepted, and an unknown setting is refused naming the key
+    assert cfg.model.colour == "shades-of-gray"
+    with pytest.raises(ValueError, match="colour"):
+        FedConfig.model_validate({"name": "c", "data": "synthetic", "model": {"colour": "sepia"}})

@@ -65,6 +65,9 @@ def test_three_sites_reach_identical_akida_models_with_sealed_reports(tmp_path):
     final = report["final"]
     server_hash = final["server_hash"]
     assert server_hash and (out / "global_model.fbz").is_file()
+    meta = json.loads((out / "global_model.fbz.meta.json").read_text())
+    assert meta["akida_hash"] == server_hash and len(meta["class_names"]) >= 2
+    assert meta["preprocessing"]["colour_constancy"] == "none"
     for site, m in final["sites"].items():
         assert m["akida_hash"] == server_hash, site
         assert m["hash_matches"] and m["hash_matches_server"]

@@ -256,7 +256,10 @@ def learn_command(
     shots_note = _shots_note(shots, shots_taken)
     if shots_note:
         console.print(f"[yellow]warning:[/] {shots_note}", highlight=False, soft_wrap=True)
-    x = load_arrays(ds, side, indices=np.concatenate([learn_i, eval_i]))
+    from common.model_meta import resolve_colour
+
+    colour, _ = resolve_colour(_model_file(model), None)
+    x = load_arrays(ds, side, indices=np.concatenate([learn_i, eval_i]), colour=colour)
     x_learn, x_eval = x[: len(learn_i)], x[len(learn_i):]
     y_learn, y_eval = ds.labels[learn_i], ds.labels[eval_i]
     # Edge head order: old classes (dataset order), then the new ones.

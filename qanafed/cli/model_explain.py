@@ -74,7 +74,10 @@ def explain(
         float_model, qmodel, meta = load_run(model)
         ds = load_dataset(data)
         indices, source = _pick(ds, model, n, seed)
-        images = load_arrays(ds, meta["size"], indices)
+        from common.model_meta import resolve_colour
+
+        colour, _ = resolve_colour(Path(model) / "model.fbz", None)
+        images = load_arrays(ds, meta["size"], indices, colour=colour)
         masks, present = load_masks(ds, meta["size"], indices)
         summary = run_explain(
             float_model, qmodel, images, ds.image_ids[indices], out, chosen_methods,
