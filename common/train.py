@@ -74,6 +74,9 @@ class TrainConfig:
         Weight of the distillation term against the label loss, in [0, 1].
     tta : int (default: 1)
         Test-time augmentation views (flips / 90° rotations) for the reported test scores.
+    spike_margin : float (default: 0.0)
+        Float training pushes the spike generator's inputs at least this far from its 0.5
+        threshold (:class:`common.models.blocks.SpikeReLU`); 0 turns it off.
     class_weighted : bool (default: False)
         Weight the loss by inverse class frequency (of the balanced training split).
     augment : bool (default: True)
@@ -126,6 +129,7 @@ class TrainConfig:
     distill_temperature: float = 4.0
     distill_weight: float = 0.5
     tta: int = 1
+    spike_margin: float = 0.0
     class_weighted: bool = False
     augment: bool = True
     val: float = 0.15
@@ -504,6 +508,7 @@ def train_float(
     )
     if cfg.pact:
         model = apply_pact(model, alpha_init=cfg.pact_alpha_init, l2=cfg.pact_l2)
+    set_spike_margin(model, cfg.spike_margin)  # after PACT, whose clone makes new layers
     model.compile(
         optimizer=keras.optimizers.Adam(cfg.lr),
         loss=training_loss(cfg, arrays.y_train, len(arrays.class_names)),
@@ -516,6 +521,17 @@ def train_float(
         record["pact_alphas"] = alphas
         model = bake_pact(model)
     return model, record
+
+
+def set_spike_margin(model: Any, margin: float) -> None:
+    """Set the threshold margin of ``model``'s spike generators (before it is traced)."""
+    from .models.blocks import SpikeReLU
+
+    if not (np.isfinite(margin) and 0.0 <= margin < 0.5):
+        raise ConfigError(f"spike_margin={margin} is outside [0, 0.5)", "use e.g. 0.1 (0: off)")
+    for layer in model.layers:
+        if isinstance(layer, SpikeReLU):
+            layer.margin = float(margin)
 
 
 def quantize_and_qat(

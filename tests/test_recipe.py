@@ -76,7 +76,9 @@ def test_colour_constancy_refuses_bad_input():
 # ------------------------------------------------------------------ balanced sampling
 
 
-@pytest.mark.parametrize("power, expected", [(1.0, [0.5, 0.5]), (0.5, [0.75, 0.25]), (0.0, [0.9, 0.1])])
+@pytest.mark.parametrize(
+    "power, expected", [(1.0, [0.5, 0.5]), (0.5, [0.75, 0.25]), (0.0, [0.9, 0.1])]
+)
 def test_sampler_draws_classes_at_the_asked_frequencies(power, expected):
     # Prepare: 900 images of class 0, 100 of class 1
     from common.augment import make_dataset
@@ -217,3 +219,39 @@ def test_a_model_cannot_be_scored_with_another_colour_setting(tmp_path):
     with pytest.raises(ConfigError, match="trained with"):
         resolve_colour(model, "none")
     assert resolve_colour(tmp_path / "other.fbz", None)[0] == "none"
+
+
+# ------------------------------------------------------------------ spike margin
+
+
+def test_spike_margin_pushes_pre_spike_values_out_of_the_threshold_band():
+    # Prepare: values crowding the 0.5 threshold, as in an undertrained QANA head
+    from common.models.blocks import SpikeReLU
+
+    layer = SpikeReLU(name="head_spike")
+    layer.margin = 0.2
+    x = tf.Variable(np.linspace(0.35, 0.65, 64, dtype=np.float32)[None])
+    opt = keras.optimizers.SGD(0.05)
+
+    # Execute: minimise the margin loss alone
+    for _ in range(60):
+        with tf.GradientTape() as tape:
+            layer(x, training=True)
+            loss = tf.add_n(layer.losses)
+        opt.apply_gradients([(tape.gradient(loss, x), x)])
+
+    # Assert: nothing left within the band, each value moved away on its own side
+    final = x.numpy()[0]
+    assert np.all(np.abs(final - 0.5) >= 0.19)
+    assert np.all((final >= 0.5) == (np.linspace(0.35, 0.65, 64) >= 0.5))
+    off = SpikeReLU(name="off")
+    off(x, training=True)
+    assert off.losses == []
+
+
+def test_spike_margin_outside_0_to_half_is_refused():
+    from common.train import TrainConfig, set_spike_margin
+
+    with pytest.raises(ConfigError, match="spike_margin"):
+        set_spike_margin(keras.Sequential(), 0.6)
+    assert TrainConfig().spike_margin == 0.0
