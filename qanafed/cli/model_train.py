@@ -78,6 +78,9 @@ def train(
     tta: Annotated[
         int, typer.Option(help="Test-time augmentation views for the test scores (1-8).")
     ] = 1,
+    spike_margin: Annotated[
+        float, typer.Option(help="Keep spike inputs this far from the 0.5 threshold (0: off).")
+    ] = 0.0,
     class_weighted: Annotated[bool, typer.Option(help="Class-weighted loss.")] = False,
     augment: Annotated[bool, typer.Option(help="Augment training batches.")] = True,
     split: Annotated[Path | None, typer.Option(help="Reuse a split file (data split).")] = None,
@@ -130,6 +133,7 @@ def train(
         distill_temperature=distill_temperature,
         distill_weight=distill_weight,
         tta=tta,
+        spike_margin=spike_margin,
         class_weighted=class_weighted,
         augment=augment,
         seed=seed,
