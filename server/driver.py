@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -25,7 +26,7 @@ from . import protocol as P
 from .binding import bind_sites
 from .global_model import GlobalModel
 from .reports import global_summary
-from .rounds import RoundResult, run_round, wait_for_sites
+from .rounds import RoundResult, RunInterrupted, run_round, wait_for_sites
 from .strategies import (
     aggregate,
     load_strategy_state,
@@ -122,6 +123,9 @@ class FederatedRun:
     registered : Mapping[int, str] | None (default: None)
         Node id → site of each registered SuperNode key (deployment); a node whose ``hello``
         claims another site is refused. None in simulation (see :func:`bind_sites`).
+    stop : threading.Event | None (default: None)
+        When set (Ctrl-C), the run abandons the round in progress and raises
+        :class:`RunInterrupted`; the checkpoint of the last complete round stays.
     """
 
     def __init__(
@@ -135,6 +139,7 @@ class FederatedRun:
         stop_after: int | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
         registered: Mapping[int, str] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.grid = grid
         self.cfg = cfg
@@ -147,6 +152,7 @@ class FederatedRun:
         self.stop_after = stop_after
         self.on_event = on_event
         self.registered = None if registered is None else dict(registered)
+        self.stop = stop
         self.strategy = make_strategy(cfg.strategy)
         self.sites: dict[int, str] = {}
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -243,7 +249,7 @@ class FederatedRun:
         timeout = max(self.cfg.timeouts.connect, self.cfg.timeouts.round)
         result = run_round(self.grid, contents, P.HELLO, timeout, self.cfg.quorum.min_replies,
                            label=self._label, what="hello",
-                           timeout_key="timeouts.connect (hello waits for it)")
+                           timeout_key="timeouts.connect (hello waits for it)", stop=self.stop)
         claims = {node: str(msg.content.config_records[P.REPORT][P.SITE_ID])
                   for node, msg in result.replies.items()}
         admitted, refused = bind_sites(claims, self.registered)
@@ -279,19 +285,40 @@ class FederatedRun:
         return sorted(result.replies)
 
     def run(self) -> dict[str, Any]:
-        """Run (or resume) the plan; return the report."""
+        """Run (or resume) the plan; return the report.
+
+        Raises
+        ------
+        RunInterrupted
+            If ``stop`` was set; names the last complete (checkpointed) round.
+        """
         self.out_dir.mkdir(parents=True, exist_ok=True)
         arrays, state = self._restore() if self.resume else self._fresh_state()
         steps = plan(self.cfg)
         self._event(event="start", run_id=state["run-id"], total=len(steps), done=state["step"])
+        try:
+            return self._run(arrays, state, steps)
+        except RunInterrupted:
+            self._event(event="interrupted", run_id=state["run-id"], done=state["step"])
+            n = state["step"]
+            done = (f"round{'s 1-' if n > 1 else ' '}{n} of {len(steps)} checkpointed in "
+                    f"{self.ckpt_dir}" if n else "no round was complete yet")
+            raise RunInterrupted(f"run interrupted: {done}",
+                                 "rerun with --resume to continue from there") from None
+
+    def _run(
+        self, arrays: dict[str, np.ndarray] | None, state: dict[str, Any], steps: list[Step]
+    ) -> dict[str, Any]:
         nodes = wait_for_sites(self.grid, self.cfg.quorum.min_sites, self.cfg.timeouts.connect,
-                               settle=min(2.0, self.cfg.timeouts.connect / 4))
+                               settle=min(2.0, self.cfg.timeouts.connect / 4), stop=self.stop)
         nodes = self._hello(nodes, state)
         self._event(event="sites", sites=[self.sites[n] for n in nodes])
         self.model = self.model_factory(self.cfg, self.class_names)
         if arrays is None:
             arrays = self.model.initial_arrays()
         for step in steps[state["step"]:]:
+            if self.stop is not None and self.stop.is_set():
+                raise RunInterrupted(f"before round {step.number}: interrupted")
             if self.stop_after is not None and state["step"] >= self.stop_after:
                 log.info("stopping after round %d as asked", state["step"])
                 return state
@@ -326,7 +353,8 @@ class FederatedRun:
         contents = {n: P.request_content(arrays, config) for n in nodes}
         sent = sum(P.record_nbytes(c) for c in contents.values())
         result = run_round(self.grid, contents, step.message_type, self.cfg.timeouts.round,
-                           self.cfg.quorum.min_replies, label=self._label, what=what)
+                           self.cfg.quorum.min_replies, label=self._label, what=what,
+                           stop=self.stop)
         # Sum in site order: float addition order must not depend on (random) node ids.
         replies = [result.replies[n] for n in sorted(result.replies, key=self._label)]
         received = sum(P.record_nbytes(m.content) for m in replies)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,12 +20,22 @@ class QuorumError(QanafedError, RuntimeError):
     """Too few sites connected, or too few replied to a round."""
 
 
+class RunInterrupted(QanafedError, RuntimeError):
+    """The run was asked to stop (Ctrl-C) before its plan was done."""
+
+
+def _check_stop(stop: threading.Event | None, what: str) -> None:
+    if stop is not None and stop.is_set():
+        raise RunInterrupted(f"{what}: interrupted", "rerun with --resume to continue")
+
+
 def wait_for_sites(
     grid: Grid,
     min_sites: int,
     timeout: float,
     poll: float = 0.5,
     settle: float = 0.0,
+    stop: threading.Event | None = None,
 ) -> list[int]:
     """Wait until at least ``min_sites`` nodes are connected, or stop at the deadline.
 
@@ -42,6 +53,8 @@ def wait_for_sites(
         Seconds between polls of ``grid.get_node_ids()``.
     settle : float (default: 0.0)
         Once the minimum is reached, keep waiting this long (within the deadline) for more.
+    stop : threading.Event | None (default: None)
+        When set, stop waiting at once.
 
     Returns
     -------
@@ -52,10 +65,13 @@ def wait_for_sites(
     ------
     QuorumError
         If fewer than ``min_sites`` are connected at the deadline.
+    RunInterrupted
+        If ``stop`` was set.
     """
     deadline = time.monotonic() + timeout
     reached_at: float | None = None
     while True:
+        _check_stop(stop, "waiting for sites")
         nodes = sorted(grid.get_node_ids())
         now = time.monotonic()
         if len(nodes) >= min_sites:
@@ -70,7 +86,7 @@ def wait_for_sites(
                 "start more SuperNodes, check their address/certificates, or raise "
                 "timeouts.connect / lower quorum.min-sites",
             )
-        time.sleep(poll)
+        _wait(stop, poll)
 
 
 @dataclass
@@ -110,6 +126,44 @@ def reply_node(reply: Message, sent_to: Mapping[str, int]) -> int:
     return reply.metadata.src_node_id if node is None else node
 
 
+def _wait(stop: threading.Event | None, seconds: float) -> None:
+    if stop is None:
+        time.sleep(seconds)
+    else:
+        stop.wait(seconds)
+
+
+def send_and_receive(
+    grid: Grid,
+    messages: list[Message],
+    timeout: float,
+    stop: threading.Event | None = None,
+    what: str = "round",
+) -> list[Message]:
+    """Push ``messages`` and pull their replies until all came, ``timeout`` passed or ``stop``.
+
+    Flower's ``Grid.send_and_receive``, but a set ``stop`` ends the wait at once.
+
+    Raises
+    ------
+    RunInterrupted
+        If ``stop`` was set (before or while waiting).
+    """
+    _check_stop(stop, what)
+    waiting = set(grid.push_messages(messages))
+    poll = min(float(getattr(grid, "pull_interval", 1.0)), 1.0)
+    deadline = time.monotonic() + timeout
+    received: list[Message] = []
+    while True:
+        replies = list(grid.pull_messages(waiting))
+        received.extend(replies)
+        waiting.difference_update(m.metadata.reply_to_message_id for m in replies)
+        if not waiting or time.monotonic() >= deadline:
+            return received
+        _wait(stop, min(poll, max(0.0, deadline - time.monotonic())))
+        _check_stop(stop, what)
+
+
 def run_round(
     grid: Grid,
     contents: Mapping[int, RecordDict],
@@ -119,6 +173,7 @@ def run_round(
     label: Callable[[int], str] = str,
     what: str = "round",
     timeout_key: str = "timeouts.round",
+    stop: threading.Event | None = None,
 ) -> RoundResult:
     """Send one message per node, wait at most ``timeout``, and demand ``min_replies`` good replies.
 
@@ -140,18 +195,22 @@ def run_round(
         Names the round in logs and errors.
     timeout_key : str (default: "timeouts.round")
         The scenario key of ``timeout``, suggested when sites did not reply in time.
+    stop : threading.Event | None (default: None)
+        When set, the round is abandoned at once.
 
     Raises
     ------
     QuorumError
         If fewer than ``min_replies`` good replies arrived in time.
+    RunInterrupted
+        If ``stop`` was set.
     """
     start = time.monotonic()
     messages = [
         Message(content, node_id, message_type, ttl=max(timeout * 2, 60.0))
         for node_id, content in contents.items()
     ]
-    received = grid.send_and_receive(messages, timeout=timeout)
+    received = send_and_receive(grid, messages, timeout, stop, what)
     sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     result = RoundResult()
     for msg in received:

@@ -48,7 +48,8 @@ def run_server(
         (override), ``out-dir``, ``metrics-private-key`` (PEM path), ``resume`` (bool),
         ``stop-after`` (int, 0 = run to the end), ``ledger`` (SQLite run ledger path; empty:
         none), ``site-nodes`` (deployment: the coordinator's ``nodes.json``, node id ↔ site of
-        each registered SuperNode key; empty in simulation).
+        each registered SuperNode key; empty in simulation), ``stop-event`` (a
+        ``threading.Event`` that interrupts the run, see :class:`FederatedRun`).
     model_factory : ModelFactory (default: QANA)
         Builds the server-side model operations.
 
@@ -89,6 +90,7 @@ def run_server(
         resume=bool(_setting(settings, "resume", False)),
         stop_after=int(_setting(settings, "stop-after", 0)) or None,
         registered=registered,
+        stop=settings.get("stop-event"),
     )
     state = run.run()
     report = build_report(state, wall_seconds=round(time.monotonic() - start, 1))

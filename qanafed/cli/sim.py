@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import threading
 import time
 from pathlib import Path
@@ -36,6 +37,28 @@ def _keys(out: Path, metrics_key: Path | None) -> tuple[Path, Path]:
     if not private.is_file():
         save_metrics_keypair(private, public, overwrite=True)
     return private, public
+
+
+def _resume_command(config: Path, out: Path, data: str | None, parallel: int | None,
+                    metrics_key: Path | None) -> str:
+    """Return the ``qanafed sim ... --resume`` command that continues this run."""
+    args = ["qanafed", "sim", "--config", str(config), "--out", str(out)]
+    for flag, value in (("--data", data), ("--parallel", parallel),
+                        ("--metrics-key", metrics_key)):
+        if value is not None:
+            args += [flag, str(value)]
+    return shlex.join([*args, "--resume"])
+
+
+def _checkpointed(out: Path) -> str:
+    """Name the last complete checkpoint in ``out`` (read from its ``LATEST`` pointer)."""
+    from common.checkpoint import LATEST
+
+    pointer = out / "checkpoints" / LATEST
+    try:
+        return f"the last complete round is kept in {pointer.parent / pointer.read_text().strip()}"
+    except OSError:
+        return "no round was complete yet"
 
 
 def _follow(path: Path, stop: threading.Event, total_hint: int) -> None:
@@ -106,8 +129,10 @@ def sim(
                                     "--metrics-key": metrics_key}, resume=resume, force=force)
 
     from client.client_app import app as client_app
+    from qanafed.cli.interrupt import EXIT_INTERRUPTED, two_stage_interrupt
     from server.driver import plan
     from server.plots import write_plots
+    from server.rounds import RunInterrupted
     from server.server_app import make_server_app
     from server.simulation import simulate
 
@@ -124,8 +149,11 @@ def sim(
                       "is safe to share; --resume finds the key there)",
                       highlight=False, soft_wrap=True)
     cfg = cfg.model_copy(update={"metrics_key": str(public.resolve())})
+    interrupt = threading.Event()
+    resume_cmd = _resume_command(config, out, data, parallel, metrics_key)
     server_app = make_server_app({"scenario-config": cfg, "out-dir": str(out),
-                                  "metrics-private-key": str(private), "resume": resume})
+                                  "metrics-private-key": str(private), "resume": resume,
+                                  "stop-event": interrupt})
     stop = threading.Event()
     follower = threading.Thread(target=_follow, args=(out / "progress.jsonl", stop,
                                                       len(plan(cfg))), daemon=True)
@@ -133,8 +161,25 @@ def sim(
     parallel = parallel or max(1, min(cfg.partition.sites, os.cpu_count() or 1))
     start = time.monotonic()
     try:
-        simulate(server_app, client_app, num_sites=cfg.partition.sites, parallel=parallel,
-                 verbose=verbose_flower)
+        with two_stage_interrupt(
+            interrupt,
+            "Ctrl-C: stopping the round in progress; the last complete round's checkpoint is "
+            "kept (Ctrl-C again to quit at once)",
+            lambda: f"Ctrl-C again: quitting now; {_checkpointed(out)}. Continue with:\n"
+                    f"  {resume_cmd}",
+        ):
+            simulate(server_app, client_app, num_sites=cfg.partition.sites, parallel=parallel,
+                     verbose=verbose_flower)
+    except Exception as err:
+        if not interrupt.is_set():
+            raise
+        stop.set()
+        follower.join(timeout=2)
+        what = err.problem if isinstance(err, RunInterrupted) else \
+            f"run interrupted ({type(err).__name__}: {err}); {_checkpointed(out)}"
+        console.print(f"[yellow]{what}[/]. Continue with:\n  {resume_cmd}", highlight=False,
+                      soft_wrap=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:
         stop.set()
         follower.join(timeout=2)
