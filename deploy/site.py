@@ -1,22 +1,27 @@
 """The site daemon: a supervised ``flower-supernode`` started from a checked site kit.
 
-``start_site`` checks the kit and the data (``deploy.kit.validate_site_kit``) and the
-SuperNode's runtime port before anything connects, then runs ``flower-supernode`` with TLS
+``start_site`` checks the kit (``deploy.kit.validate_site_kit``), the data (readable, with
+images: the loader ``qanafed data inspect`` uses, no image decoded) and the SuperNode's runtime
+port before anything connects, then runs ``flower-supernode`` with TLS
 (``--root-certificates``), SuperNode authentication (``--auth-supernode-private-key``), the
 node config (``site-id``, ``data-path``, ``metrics-public-key``, ``device``) and its runtime
 ``--port``, under a :class:`deploy.process.Supervisor` (restart on crash, bounded backoff).
 Files live in ``<kit>/run/``: ``site.pid``, ``site.state.json``, ``site.log`` and ``flwr-home/``
-(where flwr installs the run's app bundle).
+(where flwr installs the run's app bundle). A detached start returns only once the SuperNode
+is connected (``SuperNode ID`` in its log, see :mod:`deploy.site_health`); a TLS failure or no
+connection within the timeout stops it again and raises.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from common.errors import ConfigError, DataError, SecurityError
 from common.log import get_logger
 from deploy.kit import SITE_YAML, SiteKit, validate_site_kit
 from deploy.process import (
@@ -31,11 +36,14 @@ from deploy.process import (
     spawn_background,
     stop_pid,
 )
+from deploy.site_health import Connection, connection_of, read_log
 
 __all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_ISOLATION",
     "ISOLATIONS",
     "SitePaths",
+    "check_site_data",
     "site_paths",
     "site_status",
     "start_site",
@@ -56,6 +64,8 @@ Isolation = Literal["warm", "warm-fork", "subprocess"]
 DEFAULT_ISOLATION: Isolation = "warm"
 _EXECUTOR_MODE = {"warm": "inprocess", "warm-fork": "fork"}
 RUNTIME_HOST = "127.0.0.1"
+#: Seconds a detached start waits for the SuperNode's first successful connection.
+DEFAULT_CONNECT_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -155,11 +165,42 @@ def _children(kit: SiteKit, isolation: Isolation, paths: SitePaths) -> list[Chil
     return children
 
 
+def check_site_data(kit: SiteKit) -> dict[str, Any]:
+    """Check that the site's data loads as its ClientApp will load it and holds images.
+
+    Uses the loader behind ``qanafed data inspect`` (format detection and index; no image is
+    decoded), so a wrong or empty folder is refused here instead of in every round.
+
+    Returns
+    -------
+    dict[str, Any]
+        ``format`` and ``images``.
+
+    Raises
+    ------
+    DataError
+        Naming the data path, ``site.yaml`` and what the loader expected.
+    """
+    from common.loaders import load_dataset
+
+    where = f"data path {str(kit.data)!r} of site {kit.site_id!r} (from {kit.dir / SITE_YAML})"
+    inspect = f"check it with `qanafed data inspect {kit.data}`"
+    try:
+        ds = load_dataset(kit.data)
+    except DataError as err:
+        raise DataError(f"{where}: {err.problem}", f"{err.fix}; {inspect}") from None
+    if len(ds) == 0:
+        raise DataError(f"{where} holds no images ({ds.format} format)",
+                        f"put the site's images there; {inspect}")
+    return {"format": ds.format, "images": len(ds)}
+
+
 def start_site(
     kit_dir: str | Path,
     foreground: bool = False,
     isolation: Isolation = DEFAULT_ISOLATION,
     policy: RestartPolicy | None = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> dict[str, Any]:
     """Check the kit, data and port, then run the site's SuperNode under a supervisor.
 
@@ -169,23 +210,30 @@ def start_site(
         The site kit.
     foreground : bool (default: False)
         Run the supervisor in this process until SIGTERM (systemd, ``start.sh``); otherwise
-        start it detached and return.
+        start it detached and return once it is connected.
     isolation : str (default: "warm")
         See :data:`ISOLATIONS`; ``warm`` saves the TensorFlow import, the data loading and the
         model build per message, ``warm-fork`` only the import (deploy/README.md, section 5).
     policy : RestartPolicy | None (default: None)
         Restart policy (default :class:`RestartPolicy`).
+    connect_timeout : float (default: 60.0)
+        Detached start: seconds to wait for the first successful connection to the SuperLink
+        (0: do not wait).
 
     Returns
     -------
     dict[str, Any]
-        ``site``, ``pid``, ``log``, ``superlink``, ``fingerprint`` (foreground: after it stopped,
-        with ``exit-code``).
+        ``site``, ``pid``, ``log``, ``superlink``, ``fingerprint``, ``data``; detached:
+        ``connection`` (:class:`deploy.site_health.Connection` as a dict: ``connected``, or
+        ``failing`` when the SuperLink refused the key, which the coordinator can fix while the
+        supervisor retries); foreground: after it stopped, ``exit-code``.
 
     Raises
     ------
     ConfigError, SecurityError, DataError
-        A bad kit, data path, or a runtime port in use — naming the file and the fix.
+        A bad kit, data path, or a runtime port in use — naming the file and the fix;
+        detached: a TLS failure (SecurityError) or no connection within ``connect_timeout``
+        (ConfigError), after stopping what was started.
     """
     kit = validate_site_kit(kit_dir, check_data=True)
     paths = site_paths(kit.dir)
@@ -193,12 +241,16 @@ def start_site(
                         f"qanafed site stop --kit {kit.dir}")
     require_free_port(RUNTIME_HOST, kit.config.runtime_port, "SuperNode runtime-port",
                       kit.dir / SITE_YAML)
+    data = check_site_data(kit)
     info = {"site": kit.site_id, "superlink": kit.superlink, "fingerprint": kit.fingerprint,
-            "log": str(paths.log_file), "isolation": isolation}
+            "log": str(paths.log_file), "isolation": isolation, "data": data}
     if not foreground:
         argv = python_argv("site", "start", "--kit", str(kit.dir), "--foreground",
                            "--isolation", isolation)
+        offset = paths.log_file.stat().st_size if paths.log_file.is_file() else 0
         info["pid"] = spawn_background(argv, paths.log_file, paths.pid_file)
+        if connect_timeout > 0:
+            info["connection"] = _await_connection(kit, paths, offset, connect_timeout).to_dict()
         return info
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     paths.flwr_home.mkdir(exist_ok=True)
@@ -211,6 +263,37 @@ def start_site(
     return info
 
 
+def _await_connection(kit: SiteKit, paths: SitePaths, offset: int, timeout: float) -> Connection:
+    """Wait for the detached SuperNode's first connection; stop it and raise if none comes.
+
+    Returns ``connected``, or ``failing`` when the SuperLink refused to activate the key (the
+    coordinator can fix that by registering it; the supervisor retries meanwhile).
+    """
+    deadline = time.monotonic() + timeout
+    state = Connection("starting")
+    while time.monotonic() < deadline:
+        state = connection_of(read_log(paths.log_file, offset), kit.superlink,
+                              kit.fingerprint, kit.dir)
+        if state.status == "connected" or state.cause == "unregistered":
+            return state
+        if state.cause == "tls":
+            stop_site(kit.dir)
+            raise SecurityError(f"site {kit.site_id} did not start: {state.reason}", state.fix)
+        if read_pid(paths.pid_file) is None:
+            why = state.reason or "its supervisor exited"
+            raise ConfigError(f"site {kit.site_id} stopped while connecting: {why}",
+                              state.fix or f"read {paths.log_file} for the reason")
+        time.sleep(0.3)
+    stop_site(kit.dir)
+    why = state.reason or f"no SuperNode connection logged in {paths.log_file}"
+    raise ConfigError(
+        f"site {kit.site_id} was not connected to {kit.superlink} within {timeout:g} s ({why}); "
+        "it was stopped again",
+        (state.fix + "; " if state.fix else "")
+        + "or give it longer with `qanafed site start --connect-timeout SECONDS`",
+    )
+
+
 def stop_site(kit_dir: str | Path, timeout: float = 30.0) -> int | None:
     """Stop the site daemon of ``kit_dir``; return its pid, or None if none was running."""
     return stop_pid(site_paths(kit_dir).pid_file, timeout)
@@ -219,17 +302,17 @@ def stop_site(kit_dir: str | Path, timeout: float = 30.0) -> int | None:
 def site_status(kit_dir: str | Path, log_lines: int = 5) -> dict[str, Any]:
     """Describe the site daemon of ``kit_dir``: running or not, pids, restarts, last log lines.
 
-    The kit is validated without the data check (status must work even when data moved).
+    ``connection`` is the state its log shows (:func:`deploy.site_health.connection_of`): for a
+    stopped site, that of its last SuperNode. The kit is validated without the data check
+    (status must work even when data moved).
     """
     kit = validate_site_kit(kit_dir, check_data=False)
     paths = site_paths(kit.dir)
     pid = read_pid(paths.pid_file)
     state = read_state(paths.state_file)
-    tail: list[str] = []
-    if paths.log_file.is_file():
-        with open(paths.log_file, "rb") as fh:
-            fh.seek(max(0, paths.log_file.stat().st_size - 8192))
-            tail = fh.read().decode("utf-8", "replace").splitlines()[-log_lines:]
+    text = read_log(paths.log_file)
+    tail = text.splitlines()[-log_lines:]
+    connection = connection_of(text, kit.superlink, kit.fingerprint, kit.dir)
     return {
         "site": kit.site_id,
         "running": pid is not None,
@@ -240,6 +323,7 @@ def site_status(kit_dir: str | Path, log_lines: int = 5) -> dict[str, Any]:
         "data-exists": kit.data.exists(),
         "runtime-port": kit.config.runtime_port,
         "children": state.get("children", {}) if pid is not None else {},
+        "connection": connection.to_dict(),
         "log": str(paths.log_file),
         "log-tail": tail,
     }

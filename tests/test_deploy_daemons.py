@@ -16,11 +16,11 @@ from common.errors import ConfigError, DataError, SecurityError
 
 @pytest.fixture(scope="module")
 def kits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from deploy.loopback import write_site_data
     from deploy.provision import provision
 
     root = tmp_path_factory.mktemp("deploy")
-    for site in ("a", "b"):
-        (root / "data" / site).mkdir(parents=True)
+    write_site_data(root / "data", "synthetic:n=24,size=32,sites=2,seed=0", "ab")
     project = root / "project.yaml"
     project.write_text(
         "name: unit\ncoordinator:\n  address: 127.0.0.1\n  port: 18990\n"
@@ -98,6 +98,30 @@ def test_missing_data_path_is_refused(kits: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         start_site(kit)
     assert "nowhere" in err.value.problem and "site.yaml" in err.value.fix
+
+
+def test_empty_data_folder_is_refused_before_anything_starts(kits: Path, tmp_path: Path) -> None:
+    from deploy.process import port_in_use
+    from deploy.site import site_paths, start_site
+
+    # Prepare: site a's kit pointing at an empty folder
+    kit = _copy_kit(kits / "sites" / "a", tmp_path / "a")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = yaml.safe_load((kit / "site.yaml").read_text())
+    cfg["data"] = str(empty)
+    (kit / "site.yaml").write_text(yaml.safe_dump(cfg))
+
+    # Execute
+    with pytest.raises(DataError) as err:
+        start_site(kit, connect_timeout=5)
+
+    # Assert: the path, the kit file and the inspect command are named; nothing was started
+    assert str(empty) in err.value.problem and "site.yaml" in err.value.problem
+    assert f"qanafed data inspect {empty}" in err.value.fix
+    paths = site_paths(kit)
+    assert not paths.pid_file.exists() and not paths.log_file.exists()
+    assert not port_in_use("127.0.0.1", 18991)
 
 
 def test_loose_key_and_unknown_field_and_missing_file_are_refused(

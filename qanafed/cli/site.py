@@ -26,8 +26,12 @@ def start(
         "warm-fork: it forks itself per message (imports shared, data and model rebuilt); "
         "subprocess: a fresh ClientApp process per message (flwr's default). See "
         "deploy/README.md.")] = None,
+    connect_timeout: Annotated[float, typer.Option(
+        "--connect-timeout", min=0, help="Seconds to wait for the first connection to the "
+        "SuperLink; without one the site is stopped again and start fails (0: do not "
+        "wait).")] = 60.0,
 ) -> None:
-    """Check the kit and data, then start the SuperNode (restarted on crash)."""
+    """Check the kit and data, start the SuperNode (restarted on crash), wait until connected."""
     from common.errors import ConfigError
     from deploy.site import DEFAULT_ISOLATION, ISOLATIONS, start_site
 
@@ -35,11 +39,22 @@ def start(
     if isolation not in ISOLATIONS:
         raise ConfigError(f"--isolation {isolation!r} is not one of {', '.join(ISOLATIONS)}",
                           "use --isolation warm, warm-fork or subprocess")
-    info = start_site(kit, foreground=foreground, isolation=isolation)  # type: ignore[arg-type]
+    info = start_site(kit, foreground=foreground, isolation=isolation,  # type: ignore[arg-type]
+                      connect_timeout=connect_timeout)
     if foreground:
         raise typer.Exit(int(info.get("exit-code", 0)))
-    console.print(f"site [bold]{info['site']}[/] started (pid {info['pid']}) → "
-                  f"{info['superlink']}; key {info['fingerprint']}; log {info['log']}")
+    connection = info.get("connection")
+    where = (f"(pid {info['pid']}) → {info['superlink']}; key {info['fingerprint']}; "
+             f"data {info['data']['images']} images; log {info['log']}")
+    if connection is None:
+        console.print(f"site [bold]{info['site']}[/] launched, connection not awaited {where}")
+    elif connection["status"] == "connected":
+        console.print(f"site [bold]{info['site']}[/] started and connected as SuperNode "
+                      f"{connection['node_id']} {where}")
+    else:
+        console.print(f"site [bold]{info['site']}[/] is running but [bold red]NOT connected[/]: "
+                      f"{connection['reason']} {where}", highlight=False)
+        console.print(f"[yellow]fix:[/] {connection['fix']}", highlight=False)
 
 
 @app.command("stop")
@@ -69,6 +84,14 @@ def status(
                   + f" → {info['superlink']}, key {info['fingerprint']}")
     for name, child in info["children"].items():
         console.print(f"  {name}: pid {child['pid']}, restarts {child['restarts']}")
+    conn = info["connection"]
+    if conn["status"] == "connected":
+        console.print(f"  connection: [green]connected[/] (SuperNode {conn['node_id']})")
+    elif conn["status"] in ("failing", "connecting"):
+        last = "" if info["running"] else "last attempt "
+        console.print(f"  connection: {last}[red]{conn['status']}[/]: {conn['reason']}",
+                      highlight=False)
+        console.print(f"  [yellow]fix:[/] {conn['fix']}", highlight=False)
     data = "" if info["data-exists"] else " [red](missing)[/]"
     console.print(f"  data {info['data']}{data}; log {info['log']}")
     for line in info["log-tail"]:
