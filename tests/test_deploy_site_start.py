@@ -116,3 +116,29 @@ def test_a_revoked_site_that_was_registered_is_refused_and_status_says_why(
     assert status["connection"]["status"] == "failing"
     assert status["connection"]["cause"] == "unregistered"
     assert "refused this site's key" in status_text and "qanafed provision" in status_text
+
+
+def test_a_site_without_a_reachable_superlink_fails_after_the_connect_timeout(
+    tmp_path: Path,
+) -> None:
+    from deploy.process import port_in_use
+
+    # Prepare: a kit whose coordinator is not running
+    data = write_site_data(tmp_path / "data", "synthetic:n=24,size=32,sites=1,seed=0", "a")
+    ports = free_ports(2)
+    _provision(write_project(tmp_path / "p.yaml", data, ports, "nolink"), tmp_path / "kits")
+    kit = tmp_path / "kits" / "sites" / "a"
+
+    # Execute
+    with Daemons():
+        res = qanafed("site", "start", "--kit", str(kit), "--isolation", "subprocess",
+                      "--connect-timeout", "8")
+        leftovers = _processes_using(kit)
+
+    # Assert: refused after the timeout, naming the address and the way out; stopped again
+    err = " ".join(res.stderr.split())
+    assert res.returncode == 2, res.stderr
+    assert f"was not connected to 127.0.0.1:{ports[0]} within 8 s" in err
+    assert "no answer from the SuperLink" in err and "qanafed coord start" in err
+    assert "--connect-timeout" in err and "stopped again" in err
+    assert leftovers == [] and not port_in_use("127.0.0.1", ports[1])
