@@ -22,6 +22,7 @@ from common.checkpoint import load_latest
 from common.errors import SecurityError
 from common.fedconfig import FedConfig, parse_config
 from common.metrics_crypto import save_metrics_keypair
+from common.progress import append_event, read_events
 from common.site import site_seed
 from server.rounds import QuorumError
 from server.server_app import make_server_app
@@ -32,7 +33,8 @@ pytestmark = pytest.mark.slow
 # Ray workers cannot import this test module by name: ship its functions by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-STALL_SECONDS = 8.0
+#: A stalled site holds its reply until the driver closed the round, or at most this long.
+STALL_DEADLINE = 120.0
 
 
 @dataclass(frozen=True)
@@ -53,10 +55,23 @@ def _hello(cfg, data, arrays, config):
     return None, 10 * (data.pid + 1), {"class_names": list(data.class_names)}
 
 
+def _stall(out: Path, step: int) -> None:
+    """Hold the reply until ``out/progress.jsonl`` says round ``step`` ended; log what freed it."""
+    end = time.monotonic() + STALL_DEADLINE
+    by = "deadline"
+    while time.monotonic() < end:
+        events, _ = read_events(out / "progress.jsonl")
+        if any(e["event"] == "round-end" and e["step"] == step for e in events):
+            by = "round-end"
+            break
+        time.sleep(0.2)
+    append_event(out / "stall.jsonl", event="released", step=step, by=by)
+
+
 def _train(cfg, data, arrays, config):
     step = int(config["server-round"])
     if cfg.name == "stall" and data.pid == 2 and config["phase"] == "warmup":
-        time.sleep(STALL_SECONDS)
+        _stall(Path(config["sim-sites-dir"]).parent, step)
     rng = np.random.default_rng(site_seed(cfg.seed, step, data.site_id))
     out = {k: (v + float(config["lr"]) * rng.normal(size=v.shape)).astype(v.dtype)
            for k, v in arrays.items() if not k.startswith("act/")}
@@ -161,24 +176,24 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
 
 
 def test_a_site_that_never_answers_is_dropped_within_the_round_timeout(tmp_path):
-    # Prepare: site 2 sleeps longer than the round timeout in every warm-up round
+    # Prepare: site 2 holds its warm-up reply until the driver has closed the round
     cfg = _scenario(tmp_path, name="stall", rounds={"warmup": 1, "qat": 0},
                     strategy={"name": "fedavg"}, quorum={"min-sites": 3, "min-replies": 2},
                     timeouts={"connect": 90, "round": 3})
+    out = tmp_path / "out"
 
     # Execute
-    start = time.monotonic()
-    _run(cfg, tmp_path / "out", tmp_path / "keys", parallel=3)
-    elapsed = time.monotonic() - start
+    _run(cfg, out, tmp_path / "keys", parallel=3)
 
-    # Assert
-    state = load_latest(tmp_path / "out" / "checkpoints").state
+    # Assert: the round timed out and went on with the quorum while site 2 was still working
+    state = load_latest(out / "checkpoints").state
     warm = state["rounds"][0]
     assert warm["phase"] == "warmup"
     assert set(warm["sites"]) == {"site-0", "site-1"}
     assert "site-2" in warm["dropped"] and "no reply within 3 s" in warm["dropped"]["site-2"]
-    assert warm["seconds"] < 3 + 2.5
-    assert elapsed < 90
+    assert warm["seconds"] >= 3  # it waited out the timeout ...
+    released, _ = read_events(out / "stall.jsonl")
+    assert [(e["step"], e["by"]) for e in released] == [(1, "round-end")]  # ... not site 2
 
 
 def test_too_few_sites_stops_with_a_clear_message(tmp_path):
@@ -187,11 +202,11 @@ def test_too_few_sites_stops_with_a_clear_message(tmp_path):
                     quorum={"min-sites": 4, "min-replies": 2},
                     timeouts={"connect": 2, "round": 10})
 
-    # Execute / Assert
-    start = time.monotonic()
+    # Execute / Assert: it gave up at the connect deadline, before saying hello to anyone
     with pytest.raises(QuorumError, match=r"only 3 site\(s\) connected after 2 s"):
         _run(cfg, tmp_path / "out", tmp_path / "keys")
-    assert time.monotonic() - start < 60
+    events, _ = read_events(tmp_path / "out" / "progress.jsonl")
+    assert [e["event"] for e in events] == ["start"]
 
 
 def test_two_nodes_claiming_one_site_id_are_both_refused_naming_both(tmp_path):
