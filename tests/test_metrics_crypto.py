@@ -16,6 +16,7 @@ from common.errors import DataError, SecurityError
 from common.keyfiles import read_private, read_public, write_private, write_public
 from common.metrics_crypto import (
     MAGIC,
+    MAX_ENVELOPE_BYTES,
     MalformedReport,
     MisaddressedReport,
     ReplayedReport,
@@ -191,6 +192,30 @@ def test_truncated_envelope_is_refused(keys, keep):
     envelope = encrypt_report(METRICS, public, **BINDING)
     with pytest.raises((MalformedReport, TamperedReport)):
         ReportReceiver(private).open(envelope[:keep], **BINDING)
+
+
+def test_an_authentic_envelope_over_the_size_cap_is_refused_before_decryption(keys):
+    # Prepare: two genuine reports for this receiver, exactly at the cap and one byte over it
+    private, public = keys
+    overhead = len(encrypt_report({"blob": ""}, public, **BINDING))
+    at_cap = encrypt_report({"blob": "x" * (MAX_ENVELOPE_BYTES - overhead)}, public, **BINDING)
+    over = encrypt_report({"blob": "x" * (MAX_ENVELOPE_BYTES - overhead + 1)}, public, **BINDING)
+    receiver = ReportReceiver(private)
+
+    # Execute
+    with pytest.raises(MalformedReport) as err:
+        receiver.open(over, **BINDING)
+    seen_after_refusal = receiver.seen_ids()
+    opened = receiver.open(at_cap, **BINDING)
+
+    # Assert: the size alone refused it (it would authenticate), naming both sizes; at the cap
+    # it opens, so the refusal was not a decryption failure
+    assert (len(at_cap), len(over)) == (MAX_ENVELOPE_BYTES, MAX_ENVELOPE_BYTES + 1)
+    assert f"envelope of {MAX_ENVELOPE_BYTES + 1} bytes exceeds {MAX_ENVELOPE_BYTES}" in str(
+        err.value)
+    assert not isinstance(err.value, TamperedReport | MisaddressedReport)
+    assert seen_after_refusal == frozenset()
+    assert len(opened["blob"]) == MAX_ENVELOPE_BYTES - overhead
 
 
 def test_appended_bytes_are_refused(keys):
