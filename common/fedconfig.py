@@ -378,3 +378,30 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Fe
     if isinstance(raw, dict) and overrides:
         raw = {**raw, **overrides}
     return parse_config(raw, source=str(p))
+
+
+def scenario_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """List the keys whose values differ between two dumped scenarios (``FedConfig.dump``).
+
+    Parameters
+    ----------
+    old, new : dict[str, Any]
+        The scenarios as kebab-case dicts.
+    prefix : str (default: "")
+        Dotted path of ``old``/``new`` within the scenario (recursion).
+
+    Returns
+    -------
+    list[str]
+        ``"dotted.key: old → new"`` per changed key, in key order (``(absent)`` for a key only
+        one of them has).
+    """
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        where = f"{prefix}{key}"
+        a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += scenario_changes(a, b, f"{where}.")
+        elif a != b:
+            changes.append(f"{where}: {a!r} → {b!r}")
+    return changes

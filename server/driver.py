@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from common.aggregate import combine_ranges
 from common.checkpoint import Checkpoint, load_latest, save_checkpoint
 from common.errors import SecurityError
-from common.fedconfig import FedConfig
+from common.fedconfig import FedConfig, scenario_changes
 from common.log import get_logger
 from common.progress import append_event
 from common.site import pact_arrays
@@ -189,9 +189,12 @@ class FederatedRun:
         if ckpt.state.get("scenario") != self.cfg.dump():
             from common.errors import ConfigError
 
+            changed = scenario_changes(ckpt.state.get("scenario") or {}, self.cfg.dump())
             raise ConfigError(
-                f"checkpoint in {self.ckpt_dir} was made with a different scenario",
-                "resume with the same scenario file and --data, or use a new --out folder",
+                f"checkpoint in {self.ckpt_dir} was made with a different scenario; changed "
+                f"since: {'; '.join(changed)}",
+                "resume with the same scenario file and --data (undo those changes), or use a "
+                "new --out folder",
             )
         load_strategy_state(self.strategy, ckpt.groups)
         self.receiver.restore(ckpt.state.get("seen-ids", []))
