@@ -119,10 +119,10 @@ def test_bootstrap_is_seeded_and_fast():
     names = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
     clinical_metrics(y[:20], p[:20], names, n_boot=5)  # warm-up: sklearn imports
 
-    # Execute
-    t0 = time.perf_counter()
+    # Execute: CPU time of this process, which other work on the machine does not stretch
+    t0 = time.process_time()
     first = clinical_metrics(y, p, names, lesion_ids=lesions, n_boot=1000, seed=5)
-    seconds = time.perf_counter() - t0
+    seconds = time.process_time() - t0
     again = clinical_metrics(y, p, names, lesion_ids=lesions, n_boot=1000, seed=5)
     other = clinical_metrics(y, p, names, lesion_ids=lesions, n_boot=1000, seed=6)
 
