@@ -346,7 +346,7 @@ def write_app(paths: CoordPaths) -> Path:
             "components": {"serverapp": "server.server_app:app",
                            "clientapp": "client.client_app:app"},
             "config": {"scenario": "", "data": "", "out-dir": "", "metrics-private-key": "",
-                       "resume": False, "stop-after": 0, "ledger": ""},
+                       "resume": False, "stop-after": 0, "ledger": "", "site-nodes": ""},
         }}},
     }
     paths.app_dir.mkdir(parents=True, exist_ok=True)

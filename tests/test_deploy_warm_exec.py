@@ -282,3 +282,62 @@ def test_site_isolation_modes_choose_the_executor(tmp_path: Path) -> None:
         assert flag(supernode.argv, "--isolation") == "process"
         assert flag(executor.argv, "--mode") == mode
         assert flag(executor.argv, "--runtime-api-address") == "127.0.0.1:18981"
+
+
+FORK_SCENARIO = """\
+name: forked
+data: "synthetic:n=40,size=48,sites=1,seed=0"
+partition: {scheme: natural, sites: 1, seed: 0}
+model: {variant: qana-akd1000, size: 48, width: 0.25, depth: 1}
+rounds: {warmup: 1, qat: 0}
+local-epochs: 1
+batch-size: 16
+quorum: {min-sites: 1, min-replies: 1}
+timeouts: {connect: 120, round: 300}
+seed: 0
+"""
+
+
+@pytest.mark.slow
+def test_a_warm_fork_site_runs_the_rounds_of_a_real_run(tmp_path: Path) -> None:
+    import json
+
+    from deploy.coord import launch_run, wait_run
+    from deploy.ledger import Ledger
+    from deploy.loopback import Daemons, free_ports, write_project, write_site_data
+    from deploy.provision import provision
+    from deploy.site import site_paths
+
+    # Prepare: one site kit, its coordinator, and a two-message run (hello, one warm-up round)
+    data = write_site_data(tmp_path / "data", "synthetic:n=40,size=48,sites=1,seed=0", "a")
+    kits = tmp_path / "kits"
+    provision(write_project(tmp_path / "p.yaml", data, free_ports(2), "fork"), kits)
+    scenario = tmp_path / "forked.yaml"
+    scenario.write_text(FORK_SCENARIO)
+    with Daemons() as daemons:
+        daemons.start("coord", kits / "coordinator")
+        daemons.start("site", kits / "sites" / "a", "--isolation", "warm-fork")
+        state_before = json.loads(site_paths(kits / "sites" / "a").state_file.read_text())
+
+        # Execute
+        run = launch_run(kits / "coordinator", scenario, stop_after=1)
+        status = wait_run(kits / "coordinator", run["run-id"], timeout=600)
+        state_after = json.loads(site_paths(kits / "sites" / "a").state_file.read_text())
+        executor_alive = Path(f"/proc/{state_after['children']['clientapp-executor']['pid']}"
+                              ).exists()
+
+    # Assert: the SuperNode runs no ClientApp itself (--isolation process), so the fork
+    # executor ran both tasks; it outlived them, unrestarted
+    executor = state_before["children"]["clientapp-executor"]
+    assert executor["argv"][executor["argv"].index("--mode") + 1] == "fork"
+    supernode = state_before["children"]["supernode"]["argv"]
+    assert supernode[supernode.index("--isolation") + 1] == "process"
+    assert status == "finished:completed"
+    reports = Ledger(kits / "coordinator" / "run" / "ledger.sqlite").reports(
+        json.loads((Path(run["out-dir"]) / "progress.jsonl").read_text().splitlines()[0])[
+            "run_id"])
+    assert [(r["round"], r["site"], r["phase"]) for r in reports] == [
+        (0, "a", "hello"), (1, "a", "warmup")]
+    assert isinstance(reports[1]["metrics"], dict) and reports[1]["metrics"]
+    assert state_after["children"]["clientapp-executor"]["pid"] == executor["pid"]
+    assert state_after["children"]["clientapp-executor"]["restarts"] == 0 and executor_alive
