@@ -21,7 +21,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 #: The recipe's choices named in the summary.
-CHOICES = ("size", "colour", "balance", "sampling_power", "loss", "distill")
+CHOICES = ("size", "colour", "balance", "sampling_power", "loss", "distill", "align_before_qat",
+           "tta")
 
 
 def _first_image_per_lesion(lesions: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -207,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--width", type=float, default=0.5)
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 96])
     p.add_argument("--tta", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--min-gain", type=float, default=0.01,
+                   help="validation gain a lever must bring to be kept (noise floor)")
     p.add_argument("--resume", action="store_true",
                    help="reuse rows of --out whose configuration is unchanged")
     p.add_argument("--out", default=str(HERE / "results" / "recipe.json"))
@@ -222,8 +225,10 @@ def main(argv: list[str] | None = None) -> None:
     base = TrainConfig(
         variant="qana-akd1000", size=args.sizes[0], width=args.width, epochs=args.epochs,
         qat_epochs=args.qat_epochs, balance="none", class_weighted=True, patience=5,
-        min_agreement=0.5,
+        min_agreement=0.5, align_before_qat=False,
     )
+
+    base_now = json.loads(json.dumps(dataclasses.asdict(base)))
 
     def val_score(row: dict[str, Any]) -> float:
         return row["by_tta"]["1"]["val_akida"]["balanced_accuracy"]
@@ -241,9 +246,10 @@ def main(argv: list[str] | None = None) -> None:
 
     def step(name: str, lever: str, cfg: Any, one_per_lesion: bool = False,
              tta: list[int] | None = None) -> dict[str, Any]:
-        if name in previous and previous[name]["config"] == json.loads(
-            json.dumps(dataclasses.asdict(cfg))
-        ):
+        now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+        before = previous.get(name, {}).get("config")
+        # A row measured before a config field existed stands for that field's base value.
+        if before is not None and all(before.get(k, base_now[k]) == v for k, v in now.items()):
             record(previous[name])
             return previous[name]
         arrays = bench.get(cfg.size, cfg.colour, one_per_lesion)
@@ -257,26 +263,37 @@ def main(argv: list[str] | None = None) -> None:
     best = b
     c = step("C colour", "Shades of Gray (p = 6)",
              dataclasses.replace(cfg, colour="shades-of-gray"))
-    c["kept"] = val_score(c) > val_score(best)
+    c["kept"] = val_score(c) >= val_score(best) + args.min_gain
     if c["kept"]:
         cfg, best = dataclasses.replace(cfg, colour="shades-of-gray"), c
     d_cfg = dataclasses.replace(cfg, balance="sampler", sampling_power=0.5, loss="logit-adjusted",
                                 class_weighted=False)
     d = step("D balanced", "sqrt class-balanced sampling + logit-adjusted loss", d_cfg)
-    d["kept"] = val_score(d) > val_score(best)
+    d["kept"] = val_score(d) >= val_score(best) + args.min_gain
     if d["kept"]:
         cfg, best = d_cfg, d
     for size in args.sizes[1:]:
         s_cfg = dataclasses.replace(cfg, size=size)
         s = step(f"E {size} px", f"input {size} px", s_cfg)
-        s["kept"] = val_score(s) > val_score(best) + 0.005
+        s["kept"] = val_score(s) >= val_score(best) + args.min_gain
         if s["kept"]:
             cfg, best = s_cfg, s
     f_cfg = dataclasses.replace(cfg, distill=True)
-    f = step("F distill", "float teacher in QAT (T 4, w 0.5)", f_cfg, tta=args.tta)
-    f["kept"] = val_score(f) > val_score(best)
+    f = step("F distill", "float teacher in QAT (T 4, w 0.5)", f_cfg)
+    f["kept"] = val_score(f) >= val_score(best) + args.min_gain
     if f["kept"]:
         cfg, best = f_cfg, f
+    g_cfg = dataclasses.replace(cfg, align_before_qat=True)
+    g = step("G align", "power-of-two channel scales before QAT (Akida 1.0)", g_cfg,
+             tta=args.tta)
+    g["kept"] = val_score(g) >= val_score(best) + args.min_gain
+    if g["kept"]:
+        cfg, best = g_cfg, g
+    tta_val = {t: best["by_tta"].get(str(t), {}).get("val_akida", {}).get("balanced_accuracy")
+               for t in args.tta}
+    tta_val = {t: v for t, v in tta_val.items() if v is not None}
+    chosen_tta = max(tta_val, key=lambda t: (tta_val[t] - (0 if t == 1 else args.min_gain), -t))
+    cfg = dataclasses.replace(cfg, tta=chosen_tta)
     for row in (a, b):
         row["kept"] = "-"
     rows = done
@@ -290,7 +307,9 @@ def main(argv: list[str] | None = None) -> None:
         "early stopping on validation.\n\n"
         f"- Machine: {facts['summary']}.\n"
         "- Each row adds one lever to the last kept row; `kept?` says whether it raised the "
-        "validation Akida balanced accuracy. Intervals: 95 % bootstrap over test lesions.\n\n"
+        f"validation Akida balanced accuracy by at least {100 * args.min_gain:.0f} point(s) (the "
+        "validation split's noise floor); TTA rows re-score the same models, and the view "
+        "count is chosen the same way. Intervals: 95 % bootstrap over test lesions.\n\n"
         + table(rows)
         + f"\n- Chosen recipe: `{json.dumps({k: cfg.__dict__[k] for k in CHOICES})}`.\n"
         f"- Raw numbers: `{Path(args.out).relative_to(HERE.parent)}`.\n"

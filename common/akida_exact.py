@@ -114,7 +114,11 @@ def _scale_inputs(layer: keras.layers.Layer, inv_alpha: np.ndarray) -> None:
     var.assign(var.numpy() * inv_alpha.reshape(shape))
 
 
-def pow2_output_scales(qmodel: keras.Model) -> int:
+#: How :func:`pow2_output_scales` picks each channel's power of two.
+POW2_ROUNDING: tuple[str, ...] = ("nearest", "down", "up")
+
+
+def pow2_output_scales(qmodel: keras.Model, rounding: str = "nearest") -> int:
     """Make every multi-bit block's output scale a power of two, in place (Akida 1.0).
 
     For a block ``conv → (GAP) → QuantizedReLU(out_quantizer)`` followed by another weighted
@@ -127,6 +131,10 @@ def pow2_output_scales(qmodel: keras.Model) -> int:
     grid ``α_c`` times finer (so accuracy moves slightly; measure the quantized model after
     this, not before). 1-bit (spike) blocks and the last layer are left alone; the
     transform is idempotent, deterministic and data-free (every site gets the same bits).
+
+    ``rounding`` picks the power of two: ``"nearest"`` (``α`` in [0.71, 1.41]), ``"down"``
+    (``α`` in (0.5, 1]: a channel never saturates earlier, its grid is at most 2× coarser) or
+    ``"up"`` (``α`` in [1, 2): a finer grid, earlier saturation).
 
     Returns
     -------
@@ -146,7 +154,8 @@ def pow2_output_scales(qmodel: keras.Model) -> int:
             continue
         scales = _channel_scales(cur).astype(np.float64) * float(rate) * _input_scale(cur)
         live = scales > 0
-        target = np.exp2(np.round(np.log2(np.where(live, scales, 1.0)))) * (1 + _POW2_MARGIN)
+        round_fn = {"nearest": np.round, "down": np.floor, "up": np.ceil}[rounding]
+        target = np.exp2(round_fn(np.log2(np.where(live, scales, 1.0)))) * (1 + _POW2_MARGIN)
         alpha = np.where(live, target / np.where(live, scales, 1.0), 1.0)
         alpha = np.where(np.abs(alpha - 1) < _ALPHA_TOL, 1.0, alpha).astype(np.float32)
         if np.all(alpha == 1.0):

@@ -81,6 +81,9 @@ def train(
     spike_margin: Annotated[
         float, typer.Option(help="Keep spike inputs this far from the 0.5 threshold (0: off).")
     ] = 0.0,
+    align_before_qat: Annotated[
+        bool, typer.Option(help="Akida 1.0: power-of-two channel scales before QAT.")
+    ] = True,
     class_weighted: Annotated[bool, typer.Option(help="Class-weighted loss.")] = False,
     augment: Annotated[bool, typer.Option(help="Augment training batches.")] = True,
     split: Annotated[Path | None, typer.Option(help="Reuse a split file (data split).")] = None,
@@ -134,6 +137,7 @@ def train(
         distill_weight=distill_weight,
         tta=tta,
         spike_margin=spike_margin,
+        align_before_qat=align_before_qat,
         class_weighted=class_weighted,
         augment=augment,
         seed=seed,
