@@ -288,10 +288,17 @@ def quantized_from_ranges(
     every site does before calibrating.
     """
     from .aggregate import apply_ranges
+    from .models import get_variant
 
     qmodel = _quantize(cfg, _baked(cfg, float_model_from(cfg, num_classes, float_arrays)),
                        _structure_samples(cfg))
     apply_ranges(qmodel, ranges)
+    if cfg.rounds.qat > 0 and get_variant(cfg.model.variant).akida_version == "v1":
+        # As in centralized training: the QAT rounds learn on the power-of-two channel
+        # scales of the exact Akida 1.0 conversion, instead of meeting them at finalize.
+        from .akida_exact import pow2_output_scales
+
+        pow2_output_scales(qmodel)
     return qmodel
 
 

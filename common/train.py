@@ -35,11 +35,11 @@ class TrainConfig:
     ----------
     variant : str (default: "qana-akd1000")
         Registered model variant (``qanafed model list``).
-    size : int (default: 64)
+    size : int (default: 96)
         Input side in pixels; must be allowed by the variant's target.
     width : float (default: 1.0)
         Channel multiplier of the variant's stage table.
-    epochs : int (default: 20)
+    epochs : int (default: 25)
         Maximum float-training epochs (early stopping on validation balanced accuracy).
     qat_epochs : int (default: 5)
         Maximum quantization-aware training epochs (0 gives post-training quantization).
@@ -52,13 +52,13 @@ class TrainConfig:
         "constant" keeps it fixed.
     qat_lr : float | None (default: None)
         Adam learning rate of QAT; None means ``lr / 10``.
-    balance : str (default: "smote")
+    balance : str (default: "sampler")
         Class balancing of the training split only: "sampler" (class-balanced batch
         sampling, no synthetic images, see ``sampling_power``), "smote", "oversample" or "none".
     sampling_power : float (default: 0.5)
         With ``balance="sampler"``: classes are drawn in proportion to ``n_c^(1-power)``
         (1 = every class equally often, 0.5 = square-root, 0 = natural).
-    loss : str (default: "ce")
+    loss : str (default: "logit-adjusted")
         "ce" (cross-entropy) or "logit-adjusted" (cross-entropy on logits plus
         ``la_tau · log prior`` of the batches' class distribution; inference uses plain logits).
     la_tau : float (default: 1.0)
@@ -72,7 +72,7 @@ class TrainConfig:
         Softening temperature of distillation.
     distill_weight : float (default: 0.5)
         Weight of the distillation term against the label loss, in [0, 1].
-    tta : int (default: 1)
+    tta : int (default: 4)
         Test-time augmentation views (flips / 90° rotations) for the reported test scores.
     align_before_qat : bool (default: True)
         On Akida 1.0, move the quantized model's channels onto the power-of-two scales of
@@ -115,23 +115,23 @@ class TrainConfig:
     """
 
     variant: str = "qana-akd1000"
-    size: int = 64
+    size: int = 96
     width: float = 1.0
-    epochs: int = 20
+    epochs: int = 25
     qat_epochs: int = 5
     batch_size: int = 32
     lr: float = 1e-3
     lr_schedule: str = "cosine"
     qat_lr: float | None = None
-    balance: str = "smote"
+    balance: str = "sampler"
     sampling_power: float = 0.5
-    loss: str = "ce"
+    loss: str = "logit-adjusted"
     la_tau: float = 1.0
     colour: str = "none"
     distill: bool = False
     distill_temperature: float = 4.0
     distill_weight: float = 0.5
-    tta: int = 1
+    tta: int = 4
     spike_margin: float = 0.0
     align_before_qat: bool = True
     class_weighted: bool = False

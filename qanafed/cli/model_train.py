@@ -47,8 +47,8 @@ def train(
     variant: Annotated[str, typer.Option(help="Model variant (qanafed model list).")] = (
         "qana-akd1000"
     ),
-    size: Annotated[int, typer.Option(help="Input side in pixels.")] = 64,
-    epochs: Annotated[int, typer.Option(help="Max float epochs (early stop on val).")] = 20,
+    size: Annotated[int, typer.Option(help="Input side in pixels.")] = 96,
+    epochs: Annotated[int, typer.Option(help="Max float epochs (early stop on val).")] = 25,
     qat_epochs: Annotated[int, typer.Option(help="Max QAT epochs (0: post-training).")] = 5,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 32,
     lr: Annotated[float, typer.Option(help="Float learning rate.")] = 1e-3,
@@ -59,11 +59,13 @@ def train(
     width: Annotated[float, typer.Option(help="Channel width multiplier.")] = 1.0,
     balance: Annotated[
         str, typer.Option(help="Train balancing: sampler|smote|oversample|none.")
-    ] = "smote",
+    ] = "sampler",
     sampling_power: Annotated[
         float, typer.Option(help="--balance sampler: 1 class-balanced, 0.5 sqrt, 0 natural.")
     ] = 0.5,
-    loss: Annotated[str, typer.Option(help="Training loss: ce|logit-adjusted.")] = "ce",
+    loss: Annotated[
+        str, typer.Option(help="Training loss: ce|logit-adjusted.")
+    ] = "logit-adjusted",
     la_tau: Annotated[float, typer.Option(help="Logit-adjustment strength (>= 0).")] = 1.0,
     colour: Annotated[
         str, typer.Option(help="Colour constancy: none|shades-of-gray|gray-world.")
@@ -77,7 +79,7 @@ def train(
     ] = 0.5,
     tta: Annotated[
         int, typer.Option(help="Test-time augmentation views for the test scores (1-8).")
-    ] = 1,
+    ] = 4,
     spike_margin: Annotated[
         float, typer.Option(help="Keep spike inputs this far from the 0.5 threshold (0: off).")
     ] = 0.0,
