@@ -1,10 +1,11 @@
 """End-to-end on 127.0.0.1: provisioned kits, a TLS + authenticated SuperLink, 2 sites, faults.
 
 One test, because every step needs the processes of the previous one: an unregistered
-(revoked) site is refused; site b's SuperNode is killed mid-round (the round finishes with
-the quorum, the supervisor restarts b with the same key and b rejoins); the coordinator is
-killed mid-run and restarted (the run resumes from its last complete round); the ledger holds
-every decrypted report. Every process is started here and killed by its process-group id.
+(revoked) site is refused; site b's SuperNode is killed mid-round, once it has received the
+round's work (the round finishes with the quorum, the supervisor restarts b with the same key
+and b rejoins); the coordinator is killed mid-run and restarted (the run resumes from its last
+complete round); the ledger holds every decrypted report. Every process is started here and
+killed by its process-group id.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from deploy.loopback import (
     write_project,
     write_site_data,
 )
+from server.protocol import WARMUP
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +48,13 @@ timeouts: {connect: 120, round: 90}
 edge: {shots: 1, neurons-per-class: 1}
 seed: 0
 """
+
+
+def _received(log: Path, message_type: str) -> bool:
+    """Whether a SuperNode's log says it received its first ``message_type`` message."""
+    text = log.read_text(errors="replace")
+    at = text.find(f"Receiving: {message_type} message")
+    return at >= 0 and "Received successfully" in text[at:]
 
 
 def test_deployment_on_loopback(tmp_path: Path) -> None:
@@ -90,7 +99,8 @@ def test_deployment_on_loopback(tmp_path: Path) -> None:
         out = Path(run["out-dir"])
         progress = out / "progress.jsonl"
         wait_for("round 1 start", lambda: has_event(progress, event="round-start", step=1), 240)
-        time.sleep(3)
+        wait_for("site b holds round 1's work", lambda: _received(
+            site_paths(site["b"]).log_file, WARMUP), 120)
         b_state = json.loads(site_paths(site["b"]).state_file.read_text())
         b_node = b_state["children"]["supernode"]["pid"]
         os.kill(b_node, signal.SIGKILL)
