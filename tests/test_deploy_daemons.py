@@ -12,6 +12,11 @@ import pytest
 import yaml
 
 from common.errors import ConfigError, DataError, SecurityError
+from deploy.loopback import free_ports
+
+#: Coordinator, site a and site b ports of the provisioned project: free when the module starts.
+PORTS = tuple(free_ports(3))
+COORD_PORT, PORT_A, PORT_B = PORTS
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +28,12 @@ def kits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_site_data(root / "data", "synthetic:n=24,size=32,sites=2,seed=0", "ab")
     project = root / "project.yaml"
     project.write_text(
-        "name: unit\ncoordinator:\n  address: 127.0.0.1\n  port: 18990\n"
+        f"name: unit\ncoordinator:\n  address: 127.0.0.1\n  port: {COORD_PORT}\n"
         "  bind-host: 127.0.0.1\nsites:\n"
-        f"  - name: a\n    data: {root / 'data' / 'a'}\n    device: cpu\n    runtime-port: 18991\n"
-        f"  - name: b\n    data: {root / 'data' / 'b'}\n    device: cpu\n    runtime-port: 18992\n"
+        f"  - name: a\n    data: {root / 'data' / 'a'}\n    device: cpu\n"
+        f"    runtime-port: {PORT_A}\n"
+        f"  - name: b\n    data: {root / 'data' / 'b'}\n    device: cpu\n"
+        f"    runtime-port: {PORT_B}\n"
     )
     provision(project, root / "kits")
     return root / "kits"
@@ -53,19 +60,19 @@ def _listen(port: int) -> socket.socket:
 def test_site_runtime_port_in_use_is_refused_naming_port_and_file(kits: Path) -> None:
     from deploy.site import start_site
 
-    with _listen(18991):
+    with _listen(PORT_A):
         with pytest.raises(ConfigError) as err:
             start_site(kits / "sites" / "a")
-    assert "port 18991" in err.value.problem and "site.yaml" in err.value.problem
+    assert f"port {PORT_A}" in err.value.problem and "site.yaml" in err.value.problem
 
 
 def test_coordinator_port_in_use_is_refused(kits: Path) -> None:
     from deploy.coord import start_coordinator
 
-    with _listen(18990):
+    with _listen(COORD_PORT):
         with pytest.raises(ConfigError) as err:
             start_coordinator(kits / "coordinator")
-    assert "port 18990" in err.value.problem and "coordinator.yaml" in err.value.problem
+    assert f"port {COORD_PORT}" in err.value.problem and "coordinator.yaml" in err.value.problem
 
 
 def test_a_second_start_of_a_running_site_or_coordinator_is_refused(kits: Path) -> None:
@@ -121,7 +128,7 @@ def test_empty_data_folder_is_refused_before_anything_starts(kits: Path, tmp_pat
     assert f"qanafed data inspect {empty}" in err.value.fix
     paths = site_paths(kit)
     assert not paths.pid_file.exists() and not paths.log_file.exists()
-    assert not port_in_use("127.0.0.1", 18991)
+    assert not port_in_use("127.0.0.1", PORT_A)
 
 
 def test_loose_key_and_unknown_field_and_missing_file_are_refused(
@@ -167,7 +174,7 @@ def test_supernode_command_uses_tls_auth_node_config_and_runtime_port(kits: Path
     argv = supernode_argv(kit, "subprocess")
     assert argv[argv.index("--root-certificates") + 1] == str(kit.ca_cert)
     assert argv[argv.index("--auth-supernode-private-key") + 1] == str(kit.private_key)
-    assert argv[argv.index("--port") + 1] == "18992"
+    assert argv[argv.index("--port") + 1] == str(PORT_B)
     assert 'site-id="b"' in argv[argv.index("--node-config") + 1]
     assert "--insecure" not in argv
 
