@@ -182,7 +182,15 @@ class TrainConfig:
         from .balance import sampling_probs
         from .colour import check_colour
         from .losses import LOSSES, check_distillation
+        from .models import get_variant
         from .tta import check_tta
+
+        info = get_variant(self.variant)  # an unknown variant fails before any data is read
+        if info.allowed_sizes and self.size not in info.allowed_sizes:
+            raise ConfigError(
+                f"size={self.size} is not an input size {info.name} can run",
+                f"use one of {list(info.allowed_sizes)} (--size)",
+            )
 
         if self.loss not in LOSSES:
             raise ConfigError(

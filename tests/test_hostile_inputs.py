@@ -131,6 +131,13 @@ def _sim_run(folder: Path) -> Path:
     return folder
 
 
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+_TRAIN = ["model", "train", "--data", "synthetic:n=60"]
+
 # ---------------------------------------------------------------- refusals (one table)
 
 #: id → (argv builder from the fixtures, words of the problem, words of the fix).
@@ -222,6 +229,83 @@ REFUSALS: dict[str, tuple[Callable[[dict[str, Path]], list], tuple[str, ...], tu
     "sim with no training rounds": (
         lambda f: ["sim", "--config", f["noround"], "--out", f["root"] / "new"],
         ("no training rounds", "rounds.warmup: 0"), ("--allow-no-training",)),
+    "sim with a scenario that is not YAML": (
+        lambda f: ["sim", "--config", _write(f["root"] / "bad.yaml", "name: x\nrounds: [1, 2\n"),
+                   "--out", f["root"] / "new"],
+        ("not valid YAML", "line 3"), ("indentation",)),
+    "sim with an unknown scenario key": (
+        lambda f: ["sim", "--config", _write(f["root"] / "u.yaml", "name: h\ndata: synthetic\n"
+                                             "roundz: {warmup: 1}\n"), "--out", f["root"] / "new"],
+        ("roundz", "Extra inputs are not permitted"), ("kebab-case", "simulations/demo.yaml")),
+    "data inspect of a path that does not exist": (
+        lambda f: ["data", "inspect", f["root"] / "nowhere"],
+        ("nowhere' does not exist",), ("ham10000:", "synthetic")),
+    "data inspect of a bad synthetic spec": (
+        lambda f: ["data", "inspect", "synthetic:n=abc"],
+        ("n='abc'", "not an integer"), ("whole number",)),
+    "data split of a path that does not exist": (
+        lambda f: ["data", "split", f["root"] / "nowhere", "--out", f["root"] / "s.json"],
+        ("nowhere' does not exist",), ("ham10000:",)),
+    "train an unknown variant": (
+        lambda f: [*_TRAIN, "--out", f["root"] / "new", "--variant", "qana-nope"],
+        ("unknown model variant 'qana-nope'",), ("qanafed model list",)),
+    "train at a size the chip cannot run": (
+        lambda f: [*_TRAIN, "--out", f["root"] / "new", "--size", "50"],
+        ("size=50",), ("--size", "96")),
+    "train with --tta 0": (
+        lambda f: [*_TRAIN, "--out", f["root"] / "new", "--tta", "0"],
+        ("--tta 0",), ("1 (no test-time augmentation) to 8",)),
+    "train with an unknown colour constancy": (
+        lambda f: [*_TRAIN, "--out", f["root"] / "new", "--colour", "sepia"],
+        ("'sepia'",), ("shades-of-gray",)),
+    "train with an unknown loss": (
+        lambda f: [*_TRAIN, "--out", f["root"] / "new", "--loss", "focal"],
+        ("loss='focal'",), ("logit-adjusted",)),
+    "train with a sampling power above 1": (
+        lambda f: [*_TRAIN, "--out", f["root"] / "new", "--sampling-power", "2"],
+        ("sampling power 2.0",), ("class-balanced",)),
+    "train with a distillation weight above 1": (
+        lambda f: [*_TRAIN, "--out", f["root"] / "new", "--distill", "--distill-weight", "2"],
+        ("distillation weight 2.0",), ("--distill-weight 0.5",)),
+    "train with an unknown balancing": (
+        lambda f: [*_TRAIN, "--out", f["root"] / "new", "--balance", "mixup"],
+        ("balance='mixup'",), ("sampler",)),
+    "evaluate a file that is not an Akida model": (
+        lambda f: ["model", "evaluate", "--model", f["model"] / "model.fbz", "--data",
+                   "synthetic:n=60"],
+        ("not a readable Akida model",), ("save_akida",)),
+    "evaluate a model file that does not exist": (
+        lambda f: ["model", "evaluate", "--model", f["root"] / "nothere.fbz", "--data",
+                   "synthetic:n=60"],
+        ("nothere.fbz does not exist",), ("check the path",)),
+    "map a file that is not an Akida model": (
+        lambda f: ["model", "map", "--model", f["model"] / "model.fbz", "--device", "akd1000"],
+        ("is not an Akida model file",), ("converted Akida model",)),
+    "explain a folder that is not a training run": (
+        lambda f: ["model", "explain", "--model", f["full"], "--data", "synthetic:n=60",
+                   "--out", f["root"] / "new"],
+        ("is not a QANA training run", "report.md"), ("--out folder of `qanafed model train`",)),
+    "provision a project that is not YAML": (
+        lambda f: ["provision", _write(f["root"] / "p.yaml", "name: x\nsites: [1, 2\n"),
+                   "--out", f["root"] / "kits"],
+        ("not valid YAML",), ("indentation",)),
+    "provision a project with an unknown field": (
+        lambda f: ["provision", _write(f["root"] / "p.yaml", "name: p\ncoordinator: "
+                                       "{address: 127.0.0.1, port: 9}\nsites: []\nbogus: 1\n"),
+                   "--out", f["root"] / "kits"],
+        ("unknown field 'bogus'", "at least 1 item"), ("deploy/example-project.yaml",)),
+    "site start with a kit folder that does not exist": (
+        lambda f: ["site", "start", "--kit", f["root"] / "nokit"],
+        ("site kit folder", "does not exist"), ("--kit",)),
+    "site status of a folder that is not a kit": (
+        lambda f: ["site", "status", "--kit", f["full"]],
+        ("is missing site.yaml",), ("qanafed provision",)),
+    "coord start with a kit folder that does not exist": (
+        lambda f: ["coord", "start", "--kit", f["root"] / "nokit"],
+        ("coordinator kit folder", "does not exist"), ("--kit",)),
+    "coord status of a folder that is not a kit": (
+        lambda f: ["coord", "status", "--kit", f["full"]],
+        ("is missing coordinator.yaml",), ("qanafed provision",)),
 }
 
 
