@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from common.fedconfig import parse_config
@@ -27,7 +28,8 @@ def test_three_sites_reach_identical_akida_models_with_sealed_reports(tmp_path):
         "name": "e2e", "data": "synthetic:n=240,size=48,sites=3,seed=1",
         "partition": {"scheme": "natural", "sites": 3},
         "model": {"variant": "qana-akd1000", "size": 48, "width": 0.25, "depth": 1},
-        "rounds": {"warmup": 1, "qat": 2}, "batch-size": 16, "lr": 0.003, "qat-lr": 0.0003,
+        "rounds": {"warmup": 3, "qat": 2}, "local-epochs": 2,
+        "batch-size": 16, "lr": 0.003, "qat-lr": 0.0003,
         "calibration-samples": 32, "quorum": {"min-sites": 3, "min-replies": 3},
         "timeouts": {"connect": 300, "round": 900}, "balance": "oversample",
         "edge": {"shots": 3, "neurons-per-class": 1, "new-class": "mel"},
@@ -47,8 +49,8 @@ def test_three_sites_reach_identical_akida_models_with_sealed_reports(tmp_path):
     # Assert
     report = json.loads((out / "report.json").read_text())
     assert report["complete"]
-    assert [r["phase"] for r in report["rounds"]] == ["warmup", "calibrate", "qat", "qat",
-                                                      "finalize"]
+    assert [r["phase"] for r in report["rounds"]] == ["warmup"] * 3 + [
+        "calibrate", "qat", "qat", "finalize"]
     sites = {"site-0", "site-1", "site-2"}
     for r in report["rounds"]:
         assert set(r["sites"]) == sites, r["phase"]  # every sealed report was decrypted
@@ -68,6 +70,12 @@ def test_three_sites_reach_identical_akida_models_with_sealed_reports(tmp_path):
     meta = json.loads((out / "global_model.fbz.meta.json").read_text())
     assert meta["akida_hash"] == server_hash and len(meta["class_names"]) >= 2
     assert meta["preprocessing"]["colour_constancy"] == "none"
+    # The global Akida model learned something: on the union of the sites' test images its
+    # balanced accuracy is above chance (1 / classes present).
+    union = np.sum([m["akida"]["confusion_matrix"] for m in final["sites"].values()], axis=0)
+    present = union.sum(axis=1) > 0
+    union_ba = float(np.mean(np.diag(union)[present] / union.sum(axis=1)[present]))
+    assert union_ba > 1.0 / present.sum(), (union_ba, union.tolist())
     for site, m in final["sites"].items():
         assert m["akida_hash"] == server_hash, site
         assert m["hash_matches"] and m["hash_matches_server"]
