@@ -35,7 +35,7 @@ class TrainConfig:
     ----------
     variant : str (default: "qana-akd1000")
         Registered model variant (``qanafed model list``).
-    size : int (default: 96)
+    size : int (default: 64)
         Input side in pixels; must be allowed by the variant's target.
     width : float (default: 1.0)
         Channel multiplier of the variant's stage table.
@@ -72,7 +72,7 @@ class TrainConfig:
         Softening temperature of distillation.
     distill_weight : float (default: 0.5)
         Weight of the distillation term against the label loss, in [0, 1].
-    tta : int (default: 4)
+    tta : int (default: 8)
         Test-time augmentation views (flips / 90° rotations) for the reported test scores.
     align_before_qat : bool (default: True)
         On Akida 1.0, move the quantized model's channels onto the power-of-two scales of
@@ -115,7 +115,7 @@ class TrainConfig:
     """
 
     variant: str = "qana-akd1000"
-    size: int = 96
+    size: int = 64
     width: float = 1.0
     epochs: int = 25
     qat_epochs: int = 5
@@ -131,7 +131,7 @@ class TrainConfig:
     distill: bool = False
     distill_temperature: float = 4.0
     distill_weight: float = 0.5
-    tta: int = 4
+    tta: int = 8
     spike_margin: float = 0.0
     align_before_qat: bool = True
     class_weighted: bool = False

@@ -47,7 +47,7 @@ def train(
     variant: Annotated[str, typer.Option(help="Model variant (qanafed model list).")] = (
         "qana-akd1000"
     ),
-    size: Annotated[int, typer.Option(help="Input side in pixels.")] = 96,
+    size: Annotated[int, typer.Option(help="Input side in pixels.")] = 64,
     epochs: Annotated[int, typer.Option(help="Max float epochs (early stop on val).")] = 25,
     qat_epochs: Annotated[int, typer.Option(help="Max QAT epochs (0: post-training).")] = 5,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 32,
@@ -79,7 +79,7 @@ def train(
     ] = 0.5,
     tta: Annotated[
         int, typer.Option(help="Test-time augmentation views for the test scores (1-8).")
-    ] = 4,
+    ] = 8,
     spike_margin: Annotated[
         float, typer.Option(help="Keep spike inputs this far from the 0.5 threshold (0: off).")
     ] = 0.0,
