@@ -80,7 +80,42 @@ def distillation_kl(teacher_logits: tf.Tensor, student_logits: tf.Tensor, temper
     return temperature**2 * tf.reduce_sum(tf.exp(t) * (t - s), axis=-1)
 
 
-class DistillationModel(keras.Model):
+class LossWrapper(keras.Model):
+    """Base of the models whose ``fit`` trains a wrapped model with a composite loss.
+
+    It shares the wrapped model's variables, forwards ``call`` to it and reports one mean
+    tracker per loss term (reset by Keras every epoch); subclasses write ``train_step``.
+
+    Parameters
+    ----------
+    model : tf_keras.Model
+        The model being trained (in place).
+    terms : tuple[str, ...]
+        Names of the reported loss terms, ``"loss"`` first.
+    """
+
+    def __init__(self, model: keras.Model, terms: tuple[str, ...], **kw: Any) -> None:
+        super().__init__(**kw)
+        self.model = model
+        self._trackers = {k: keras.metrics.Mean(name=k) for k in terms}
+
+    def call(self, inputs, training=None):
+        """Forward pass of the wrapped model."""
+        return self.model(inputs, training=training)
+
+    @property
+    def metrics(self) -> list:
+        """The loss trackers (reset by Keras every epoch)."""
+        return list(self._trackers.values())
+
+    def _track(self, losses: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """Update the trackers with one batch's terms; return their running means."""
+        for key, tracker in self._trackers.items():
+            tracker.update_state(losses[key])
+        return {k: t.result() for k, t in self._trackers.items()}
+
+
+class DistillationModel(LossWrapper):
     """Train ``student`` on ``(1 - w) · label loss + w · T² · KL(teacher ‖ student)``.
 
     The teacher (the trained float model) runs in inference mode on the same augmented
@@ -109,21 +144,12 @@ class DistillationModel(keras.Model):
         **kw: Any,
     ) -> None:
         check_distillation(temperature, weight)
-        super().__init__(name=kw.pop("name", f"distill_{student.name}"), **kw)
+        name = kw.pop("name", f"distill_{student.name}")
+        super().__init__(student, ("loss", "label", "kd"), name=name, **kw)
         self.student = student
         self.teacher = teacher
         self.temperature = float(temperature)
         self.weight = float(weight)
-        self._trackers = {k: keras.metrics.Mean(name=k) for k in ("loss", "label", "kd")}
-
-    def call(self, inputs, training=None):
-        """Forward pass of the student."""
-        return self.student(inputs, training=training)
-
-    @property
-    def metrics(self) -> list:
-        """The loss trackers (reset by Keras every epoch)."""
-        return list(self._trackers.values())
 
     def distill_losses(self, x, y, training: bool = False) -> dict[str, tf.Tensor]:
         """Return ``{"loss", "label", "kd"}`` of one batch (batch means)."""
@@ -146,9 +172,7 @@ class DistillationModel(keras.Model):
         self.optimizer.apply_gradients(
             (g, v) for g, v in zip(grads, variables, strict=True) if g is not None
         )
-        for key, tracker in self._trackers.items():
-            tracker.update_state(losses[key])
-        return {k: t.result() for k, t in self._trackers.items()}
+        return self._track(losses)
 
 
 def check_distillation(temperature: float, weight: float) -> None:

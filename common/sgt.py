@@ -25,6 +25,7 @@ import tf_keras as keras
 
 from common.errors import ConfigError
 from common.log import get_logger
+from common.losses import LossWrapper
 
 log = get_logger("sgt")
 
@@ -127,7 +128,7 @@ def kl_divergence(logits_p: tf.Tensor, logits_q: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1)
 
 
-class SaliencyGuidedModel(keras.Model):
+class SaliencyGuidedModel(LossWrapper):
     """Wrap a model so that ``fit`` trains it with the saliency-guided loss.
 
     The wrapper shares the wrapped model's variables: training it trains ``model`` in place;
@@ -161,24 +162,14 @@ class SaliencyGuidedModel(keras.Model):
         **kwargs: Any,
     ) -> None:
         check_sgt_options(mask_fraction, kl_weight, mask_value)
-        super().__init__(name=kwargs.pop("name", f"sgt_{model.name}"), **kwargs)
-        self.model = model
+        name = kwargs.pop("name", f"sgt_{model.name}")
+        super().__init__(model, ("loss", "ce", "kl"), name=name, **kwargs)
         self.mask_fraction = float(mask_fraction)
         self.kl_weight = float(kl_weight)
         self.mask_value = mask_value
         self._ce = keras.losses.SparseCategoricalCrossentropy(
             from_logits=True, reduction=keras.losses.Reduction.NONE
         )
-        self._trackers = {k: keras.metrics.Mean(name=k) for k in ("loss", "ce", "kl")}
-
-    def call(self, inputs, training=None):
-        """Forward pass of the wrapped model."""
-        return self.model(inputs, training=training)
-
-    @property
-    def metrics(self) -> list:
-        """The loss trackers (reset by Keras every epoch)."""
-        return list(self._trackers.values())
 
     def sgt_losses(
         self, x, y, sample_weight=None, training: bool = False
@@ -218,17 +209,13 @@ class SaliencyGuidedModel(keras.Model):
         self.optimizer.apply_gradients(
             (g, v) for g, v in zip(grads, variables, strict=True) if g is not None
         )
-        for key, tracker in self._trackers.items():
-            tracker.update_state(losses[key])
-        return {k: t.result() for k, t in self._trackers.items()}
+        return self._track(losses)
 
     def test_step(self, data):
         """Report the SGT losses on validation data (no update)."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         losses = self.sgt_losses(x, y, sample_weight, training=False)
-        for key, tracker in self._trackers.items():
-            tracker.update_state(losses[key])
-        return {k: t.result() for k, t in self._trackers.items()}
+        return self._track(losses)
 
 
 def sgt_fit(
