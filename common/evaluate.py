@@ -91,7 +91,7 @@ def evaluate_akida(
     indices: np.ndarray | None = None,
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
-    tta: int = 1,
+    tta: int | None = None,
     colour: str | None = None,
     n_boot: int = 1000,
 ) -> dict[str, Any]:
@@ -111,8 +111,9 @@ def evaluate_akida(
         Images per Akida call.
     progress : Callable[[int, int], None] | None (default: None)
         Decoding progress callback.
-    tta : int (default: 1)
-        Test-time augmentation views averaged (1 = none; see :mod:`common.tta`).
+    tta : int | None (default: None)
+        Test-time augmentation views averaged (1 = none; see :mod:`common.tta`); None takes
+        the count the model was scored with in training (its ``.meta.json``), else 1.
     colour : str | None (default: None)
         Colour constancy; None takes the model's recorded setting (``.meta.json``). A
         setting that contradicts the record is refused.
@@ -129,11 +130,14 @@ def evaluate_akida(
     """
     from .clinical import subgroups_from_metadata
     from .convert import load_akida
-    from .model_meta import resolve_colour
+    from .model_meta import read_meta, resolve_colour
     from .preprocess import load_arrays
     from .train import score_logits
     from .tta import check_tta
 
+    if tta is None:
+        meta = read_meta(model_path)
+        tta = int(meta.get("tta", 1)) if meta else 1
     check_tta(tta)
     colour, colour_source = resolve_colour(model_path, colour)
     ak_model = load_akida(model_path)

@@ -55,18 +55,24 @@ class LogitAdjustedLoss(keras.losses.Loss):
         return {**super().get_config(), "prior": self.prior, "tau": self.tau}
 
 
-def make_loss(kind: str, prior: np.ndarray | None = None, tau: float = 1.0) -> keras.losses.Loss:
+def make_loss(
+    kind: str, prior: np.ndarray | None = None, tau: float = 1.0, per_sample: bool = False
+) -> keras.losses.Loss:
     """Return the training loss named ``kind`` (see :data:`LOSSES`).
+
+    ``per_sample`` returns one value per example (``reduction=NONE``), for trainers that
+    combine it with other per-sample terms (:class:`common.sgt.SaliencyGuidedModel`).
 
     Raises
     ------
     ConfigError
         Unknown ``kind``.
     """
+    reduction = {"reduction": keras.losses.Reduction.NONE} if per_sample else {}
     if kind == "ce":
-        return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=True, **reduction)
     if kind == "logit-adjusted":
-        return LogitAdjustedLoss(prior, tau)
+        return LogitAdjustedLoss(prior, tau, **reduction)
     raise ConfigError(f"loss {kind!r} is not a training loss", f"use one of {', '.join(LOSSES)}")
 
 

@@ -132,9 +132,10 @@ class SaliencyGuidedModel(LossWrapper):
     """Wrap a model so that ``fit`` trains it with the saliency-guided loss.
 
     The wrapper shares the wrapped model's variables: training it trains ``model`` in place;
-    save/convert ``model`` itself afterwards. ``compile`` only needs an optimizer (the loss is
-    always sparse categorical cross-entropy on logits); ``fit`` reports ``loss``, ``ce`` and
-    ``kl``. Evaluation/prediction use the plain model.
+    save/convert ``model`` itself afterwards. ``compile`` only needs an optimizer (the label
+    term is ``label_loss``, sparse categorical cross-entropy on logits by default); ``fit``
+    reports ``loss``, ``ce`` (the label term) and ``kl``. Evaluation/prediction use the plain
+    model.
 
     Parameters
     ----------
@@ -146,6 +147,9 @@ class SaliencyGuidedModel(LossWrapper):
         Weight of the KL term.
     mask_value : str | float (default: "mean")
         See :func:`mask_lowest`.
+    label_loss : tf_keras.losses.Loss | None (default: None)
+        Per-sample label loss (``reduction=NONE``), e.g. the logit-adjusted one; None is
+        sparse categorical cross-entropy on logits.
 
     Raises
     ------
@@ -159,6 +163,7 @@ class SaliencyGuidedModel(LossWrapper):
         mask_fraction: float = 0.1,
         kl_weight: float = 1.0,
         mask_value: str | float = "mean",
+        label_loss: keras.losses.Loss | None = None,
         **kwargs: Any,
     ) -> None:
         check_sgt_options(mask_fraction, kl_weight, mask_value)
@@ -167,7 +172,7 @@ class SaliencyGuidedModel(LossWrapper):
         self.mask_fraction = float(mask_fraction)
         self.kl_weight = float(kl_weight)
         self.mask_value = mask_value
-        self._ce = keras.losses.SparseCategoricalCrossentropy(
+        self._ce = label_loss or keras.losses.SparseCategoricalCrossentropy(
             from_logits=True, reduction=keras.losses.Reduction.NONE
         )
 

@@ -348,13 +348,17 @@ def predict_akida(ak_model: Any, images: np.ndarray, batch_size: int = 64) -> np
     return model_logits(ak_model, images, batch_size).argmax(axis=-1)
 
 
-def training_loss(cfg: TrainConfig, y_train: np.ndarray, num_classes: int) -> Any:
+def training_loss(
+    cfg: TrainConfig, y_train: np.ndarray, num_classes: int, per_sample: bool = False
+) -> Any:
     """Return the label loss of ``cfg`` for batches drawn from ``y_train`` as ``cfg`` draws them."""
     from .balance import effective_prior
     from .losses import make_loss
 
     power = cfg.sampling_power if cfg.balance == "sampler" else 0.0
-    return make_loss(cfg.loss, effective_prior(y_train, num_classes, power), cfg.la_tau)
+    return make_loss(
+        cfg.loss, effective_prior(y_train, num_classes, power), cfg.la_tau, per_sample
+    )
 
 
 def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
@@ -470,13 +474,18 @@ def fit_selecting_on_val(
     }
 
 
-def _sgt_trainer(model: Any, cfg: TrainConfig, lr: float) -> Any:
-    """Return a compiled :class:`~common.sgt.SaliencyGuidedModel` training ``model``."""
+def _sgt_trainer(model: Any, cfg: TrainConfig, lr: float, y_train: np.ndarray) -> Any:
+    """Return a compiled :class:`~common.sgt.SaliencyGuidedModel` training ``model``.
+
+    Its label term is ``cfg``'s training loss (:func:`training_loss`), per sample.
+    """
     import tf_keras as keras
 
     from .sgt import SaliencyGuidedModel
 
-    wrapper = SaliencyGuidedModel(model, cfg.sgt_mask_fraction, cfg.sgt_kl_weight)
+    label = training_loss(cfg, y_train, int(model.output_shape[-1]), per_sample=True)
+    wrapper = SaliencyGuidedModel(model, cfg.sgt_mask_fraction, cfg.sgt_kl_weight,
+                                  label_loss=label)
     wrapper.compile(optimizer=keras.optimizers.Adam(lr))
     return wrapper
 
@@ -525,7 +534,7 @@ def train_float(
         optimizer=keras.optimizers.Adam(cfg.lr),
         loss=training_loss(cfg, arrays.y_train, len(arrays.class_names)),
     )
-    trainer = _sgt_trainer(model, cfg, cfg.lr) if cfg.sgt else None
+    trainer = _sgt_trainer(model, cfg, cfg.lr, arrays.y_train) if cfg.sgt else None
     record = fit_selecting_on_val(model, arrays, cfg, cfg.epochs, stage, progress,
                                   trainer=trainer)
     alphas = pact_alphas(model)
@@ -604,7 +613,9 @@ def quantize_and_qat(
     if cfg.qat_epochs > 0:
         loss = training_loss(cfg, arrays.y_train, len(arrays.class_names))
         qat_compile(qmodel, cfg.effective_qat_lr, loss=loss)
-        trainer = _sgt_trainer(qmodel, cfg, cfg.effective_qat_lr) if cfg.sgt else None
+        trainer = (
+            _sgt_trainer(qmodel, cfg, cfg.effective_qat_lr, arrays.y_train) if cfg.sgt else None
+        )
         if cfg.distill:
             import tf_keras as keras
 

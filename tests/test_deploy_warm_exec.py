@@ -138,12 +138,11 @@ def test_the_heartbeats_sigint_ends_the_task_not_the_executor() -> None:
     executor = InProcessExecutor(max_rss_mb=None, run_task=run_task, task_timeout=None)
 
     # Execute
-    t0 = time.monotonic()
     stopped = executor.launch(_spec(1))
     after = executor.launch(_spec(2))
 
-    # Assert: the first task ended early, the executor took the next, SIGINT is as before
-    assert time.monotonic() - t0 < 10
+    # Assert: the first task ended early (it never reached its append: no wall-clock bound
+    # needed), the executor took the next, SIGINT is as before
     assert stopped.status == "accepted" and after.status == "accepted"
     assert ran == [2] and (executor.tasks, executor.failures) == (2, 1)
     assert signal.getsignal(signal.SIGINT) is before
@@ -247,7 +246,9 @@ def test_a_task_whose_run_ended_while_its_message_arrived_is_dropped(
 
     # Assert: dropped within seconds (flwr alone would wait two hours), reported failed to
     # the SuperNode, and the executor is free for the next task
-    assert time.monotonic() - t0 < 20
+    # (a hang guard, not a speed check: flwr alone waits PULL_MAX_TIME = 7,200 s; what shows
+    # the bound worked is the ObjectPullError below)
+    assert time.monotonic() - t0 < 600
     assert result.status == "accepted" and (executor.tasks, executor.failures) == (1, 1)
     (task,) = state.get_tasks(statuses=[Status.FINISHED], order_by="pending_at",
                               ascending=True)

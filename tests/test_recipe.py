@@ -255,3 +255,9 @@ def test_spike_margin_outside_0_to_half_is_refused():
     with pytest.raises(ConfigError, match="spike_margin"):
         set_spike_margin(keras.Sequential(), 0.6)
     assert TrainConfig().spike_margin == 0.0
+
+
+def test_a_class_without_training_images_keeps_the_prior_positive():
+    prior = effective_prior(np.array([0, 0, 0, 2]), 3)
+    np.testing.assert_allclose(prior, [3 / 5, 1 / 5, 1 / 5])
+    LogitAdjustedLoss(prior)  # defined: no error for the empty class

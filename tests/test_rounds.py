@@ -28,22 +28,30 @@ class ReplyingGrid:
     failed), ``"unavailable"`` (the SuperLink answers "node unavailable") or ``"silent"``.
     """
 
+    pull_interval = 0.05
+
     def __init__(self, answers: dict[int, str]) -> None:
         self.answers = answers
+        self._pending: dict[str, Message] = {}
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = msg.object_id
+            ids.append(msg.object_id)
             answer = self.answers[msg.metadata.dst_node_id]
             if answer == "ok":
-                replies.append(Message(RecordDict(), reply_to=msg))
+                self._pending[msg.object_id] = Message(RecordDict(), reply_to=msg)
             elif answer == "raised":
-                replies.append(Message(Error(code=0, reason="ClientApp raised"), reply_to=msg))
+                self._pending[msg.object_id] = Message(
+                    Error(code=0, reason="ClientApp raised"), reply_to=msg)
             elif answer == "unavailable":
-                replies.append(create_message_error_unavailable_res_message(
-                    msg.metadata, "node_unavail"))
-        return replies
+                self._pending[msg.object_id] = create_message_error_unavailable_res_message(
+                    msg.metadata, "node_unavail")
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self._pending.pop(i) for i in list(message_ids) if i in self._pending]
 
 
 def test_superlink_errors_are_attributed_to_the_node_they_were_sent_to() -> None:

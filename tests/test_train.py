@@ -33,7 +33,8 @@ def trained(tiny_run):
 def test_train_writes_akida_model_and_metrics_for_float_quantized_akida(trained):
     out, payload = trained
     assert sorted(p.name for p in out.iterdir()) == [
-        "float.h5", "metrics.json", "model.fbz", "quantized.h5", "split.json"
+        "float.h5", "metrics.json", "model.fbz", "model.fbz.meta.json", "model_card.md",
+        "quantized.h5", "split.json"
     ]
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["akida_hash"] == payload["akida_hash"]

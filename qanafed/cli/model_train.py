@@ -179,8 +179,9 @@ def evaluate(
     split: Annotated[Path | None, typer.Option(help="Score one part of this split file.")] = None,
     part: Annotated[str, typer.Option(help="Which part of --split: train|val|test.")] = "test",
     tta: Annotated[
-        int, typer.Option(help="Test-time augmentation views averaged (1-8: flips, rotations).")
-    ] = 1,
+        int | None,
+        typer.Option(help="Test-time augmentation views (1-8); default: the model's own."),
+    ] = None,
     colour: Annotated[
         str | None,
         typer.Option(help="Colour constancy; default: the model's own (from its .meta.json)."),
