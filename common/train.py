@@ -798,6 +798,7 @@ def run_training(
         "class_names": list(arrays.class_names),
         "config": asdict(cfg),
         "preprocessing": {"colour_constancy": cfg.colour, "size": cfg.size, "tta": cfg.tta},
+        "tta": cfg.tta,
         "data": arrays.info,
         "split": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
         "training": result["training"],
