@@ -26,13 +26,13 @@ CHOICES = ("size", "colour", "balance", "sampling_power", "loss", "distill", "al
 
 
 def _first_image_per_lesion(lesions: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Indices (of ``idx``) keeping the first image of each lesion, as the old data had."""
+    """Positions in ``idx`` of each lesion's first image, as the old data had."""
     seen: set[str] = set()
     keep = []
-    for i in idx.tolist():
+    for pos, i in enumerate(idx.tolist()):
         if lesions[i] not in seen:
             seen.add(lesions[i])
-            keep.append(i)
+            keep.append(pos)
     return np.array(keep, dtype=np.int64)
 
 
@@ -67,11 +67,7 @@ class Arrays:
         val_x, val_y = parts["val"], labels["val"]
         if one_per_lesion:
             for name in ("train", "val"):
-                idx = getattr(self.split, name)
-                keep = _first_image_per_lesion(self.ds.lesion_ids, idx)
-                pos = np.searchsorted(idx, keep) if np.all(np.diff(idx) > 0) else np.array(
-                    [np.flatnonzero(idx == k)[0] for k in keep]
-                )
+                pos = _first_image_per_lesion(self.ds.lesion_ids, getattr(self.split, name))
                 if name == "train":
                     train_x, train_y = parts[name][pos], labels[name][pos]
                 else:
