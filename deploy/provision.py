@@ -7,7 +7,8 @@ Layout written under ``KITS/`` (``out_dir``)::
     ca/ca.crt
     coordinator/                ca.crt, server.crt, server.key (0600), metrics.key (0600),
                                 metrics.pub, site-keys/<site>.pub, coordinator.yaml,
-                                start.sh, stop.sh, qanafed-coordinator.service
+                                dashboard.token (0600), start.sh, stop.sh,
+                                qanafed-coordinator.service
     sites/<site>/               ca.crt, supernode.key (0600), supernode.pub, metrics.pub,
                                 site.yaml, start.sh, stop.sh, qanafed-site-<site>.service
 
@@ -43,6 +44,8 @@ from common.metrics_crypto import (
     save_metrics_keypair,
 )
 from deploy import pki
+from deploy.dashboard.access import TOKEN_FILE as DASHBOARD_TOKEN
+from deploy.dashboard.access import make_token_file
 from deploy.kit import (
     COORDINATOR_YAML,
     SITE_KEYS_DIR,
@@ -473,6 +476,9 @@ class _Provisioner:
             _put(self.coord / "qanafed-coordinator.service",
                  _template("coordinator.service", **values)),
         ]
+        token = self.coord / DASHBOARD_TOKEN
+        if make_token_file(token):  # kept across re-provisioning, like the keys
+            self.note(spec.name, "dashboard token", "created", token)
         self.note(spec.name, "coordinator kit", _merge(actions, existed), self.coord)
 
     def manifest(

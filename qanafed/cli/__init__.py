@@ -7,7 +7,7 @@ import logging
 import typer
 
 from qanafed import __version__
-from qanafed.cli import coord, data, model, model_study, provision, sim, site
+from qanafed.cli import coord, dashboard, data, model, model_study, provision, sim, site
 
 app = typer.Typer(
     name="qanafed",
@@ -22,6 +22,7 @@ app.add_typer(site.app, name="site")
 app.add_typer(coord.app, name="coord")
 app.command("sim")(sim.sim)
 app.command("provision")(provision.provision)
+app.command("dashboard")(dashboard.dashboard)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,125 @@
+"""Adapter to the trust checks (issue 16): release signatures, ledger audit, DP ε per site.
+
+Those checks live in ``common.release`` (``verify_release``), ``deploy.ledger``
+(``audit_ledger``, ``LedgerAudit``) and the run report; this module is the dashboard's only
+contact with them. Where this version of qanafed does not have them yet, each panel says
+"not available" instead of failing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from common.errors import QanafedError
+from common.log import get_logger
+
+__all__ = ["dp_epsilons", "ledger_audit", "release_status"]
+
+log = get_logger("deploy.dashboard")
+
+#: Suffix of a release manifest beside its model (``<model>.release.json``).
+RELEASE_SUFFIX = ".release.json"
+_NOT_AVAILABLE = "not available in this version of qanafed"
+
+
+def _scalars(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the manifest's fields, nested ones as compact JSON, signatures left out."""
+    out: dict[str, Any] = {}
+    for key, value in manifest.items():
+        if "signature" in str(key).lower():
+            continue
+        out[str(key)] = value if isinstance(value, str | int | float | bool) or value is None \
+            else json.dumps(value, sort_keys=True, default=str)
+    return out
+
+
+def release_status(model: Path, public_key: Path | None = None) -> dict[str, Any] | None:
+    """Whether ``model``'s release manifest is present, and valid for its hash and signature.
+
+    Returns
+    -------
+    dict[str, Any] | None
+        None without a model; else ``available`` (False when this qanafed cannot verify
+        releases), ``verified``, ``problem`` and ``manifest`` (its fields, no signature).
+    """
+    if not model.is_file():
+        return None
+    manifest_file = model.with_name(model.name + RELEASE_SUFFIX)
+    try:
+        from common.release import verify_release  # type: ignore[import-not-found]
+    except ImportError:
+        return {"available": False, "verified": None, "problem": f"release check {_NOT_AVAILABLE}",
+                "manifest": None}
+    if not manifest_file.is_file():
+        return {"available": True, "verified": False,
+                "problem": f"no release manifest ({manifest_file.name})", "manifest": None}
+    try:
+        manifest = verify_release(model, public_key)
+    except QanafedError as err:
+        return {"available": True, "verified": False, "problem": err.problem, "manifest": None}
+    except Exception as err:  # a damaged manifest must not take the page down
+        log.warning("release check of %s failed: %s", model, err)
+        return {"available": True, "verified": False,
+                "problem": f"release check failed ({type(err).__name__})", "manifest": None}
+    return {"available": True, "verified": True, "problem": None,
+            "manifest": _scalars(manifest if isinstance(manifest, Mapping) else {})}
+
+
+def ledger_audit(ledger: Path) -> dict[str, Any]:
+    """Audit the ledger's hash chain.
+
+    Returns
+    -------
+    dict[str, Any]
+        ``available``, ``ok``, ``entries``, ``first_broken`` and ``reason`` (why not ok).
+    """
+    try:
+        from deploy.ledger import audit_ledger  # type: ignore[attr-defined]
+    except ImportError:
+        return {"available": False, "ok": None, "entries": None, "first_broken": None,
+                "reason": f"ledger audit {_NOT_AVAILABLE}"}
+    try:
+        audit = audit_ledger(ledger)
+    except QanafedError as err:
+        return {"available": True, "ok": False, "entries": None, "first_broken": None,
+                "reason": err.problem}
+    except Exception as err:  # a corrupted file must give a verdict, not a traceback
+        log.warning("ledger audit of %s failed: %s", ledger, err)
+        return {"available": True, "ok": False, "entries": None, "first_broken": None,
+                "reason": f"audit failed ({type(err).__name__}: {err})"}
+    return {"available": True, "ok": bool(audit.ok), "entries": audit.entries,
+            "first_broken": audit.first_broken, "reason": audit.reason}
+
+
+def _epsilon(block: Any) -> dict[str, Any] | None:
+    if not isinstance(block, Mapping):
+        return None
+    eps = block.get("epsilon", block.get("eps"))
+    if eps is None:
+        return None
+    return {"epsilon": eps, "delta": block.get("delta")}
+
+
+def dp_epsilons(report: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Privacy spent per site, ``{site: {"epsilon", "delta"}}``, or None when not reported.
+
+    Read from the report's ``dp`` block (site → (ε, δ)) or, failing that, from the latest
+    round in which a site reported a ``dp`` block.
+    """
+    top = report.get("dp")
+    if isinstance(top, Mapping):
+        per_site = top.get("sites") if isinstance(top.get("sites"), Mapping) else top
+        found = {s: e for s, b in sorted(per_site.items()) if (e := _epsilon(b))}
+        if found:
+            return found
+    found: dict[str, Any] = {}
+    rounds = [r for r in report.get("rounds") or [] if isinstance(r, Mapping)]
+    for r in reversed(rounds):
+        for site, m in (r.get("sites") or {}).items():
+            e = _epsilon(m.get("dp")) if isinstance(m, Mapping) else None
+            if e and site not in found:
+                found[site] = e
+    return dict(sorted(found.items())) or None
