@@ -44,6 +44,7 @@ __all__ = [
     "CoordPaths",
     "coord_paths",
     "coord_status",
+    "dashboard_argv",
     "launch_run",
     "private_run_dir",
     "register_sites",
@@ -56,6 +57,9 @@ __all__ = [
 ]
 
 log = get_logger("deploy.coord")
+
+#: Where ``qanafed coord start --dashboard`` serves the dashboard (this machine only).
+DASHBOARD_HOST, DASHBOARD_PORT = "127.0.0.1", 8800
 
 #: Name of the Flower app bundle the coordinator submits (code is installed on every site).
 APP_NAME = "qanafed-federation"
@@ -240,6 +244,7 @@ def start_coordinator(
     foreground: bool = False,
     insecure: bool = False,
     policy: RestartPolicy | None = None,
+    dashboard: bool = False,
 ) -> dict[str, Any]:
     """Check the kit and port, then run the SuperLink under a supervisor and register sites.
 
@@ -254,6 +259,10 @@ def start_coordinator(
         Plain HTTP without TLS (only with this explicit flag; SuperNode authentication stays on).
     policy : RestartPolicy | None (default: None)
         Restart policy.
+    dashboard : bool (default: False)
+        Also run the dashboard (:mod:`deploy.dashboard`) on 127.0.0.1:8800 under the same
+        supervisor, showing ``run/runs`` and the ledger; its token is the kit's
+        ``dashboard.token`` (made when missing).
 
     Raises
     ------
@@ -266,9 +275,24 @@ def start_coordinator(
                         f"qanafed coord stop --kit {kit.dir}")
     require_free_port(kit.config.bind_host, kit.config.port, "SuperLink port",
                       kit.dir / COORDINATOR_YAML)
+    if dashboard:
+        require_free_port(DASHBOARD_HOST, DASHBOARD_PORT, "dashboard port", "--dashboard")
     private_run_dir(paths)
     with owner_only_umask():  # the daemon, its SuperLink and ServerApps inherit it
-        return _start(kit, paths, foreground, insecure, policy)
+        return _start(kit, paths, foreground, insecure, policy, dashboard)
+
+
+def dashboard_argv(kit: CoordinatorKit, paths: CoordPaths) -> list[str]:
+    """Return the ``qanafed dashboard`` command beside the SuperLink (makes its token, folder)."""
+    from deploy.dashboard.access import TOKEN_FILE, make_token_file
+
+    token = kit.dir / TOKEN_FILE
+    if make_token_file(token):
+        log.info("dashboard token written to %s", token)
+    paths.runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return python_argv("dashboard", "--runs", str(paths.runs_dir), "--ledger",
+                       str(paths.ledger), "--token-file", str(token), "--host", DASHBOARD_HOST,
+                       "--port", str(DASHBOARD_PORT))
 
 
 def private_run_dir(paths: CoordPaths) -> Path:
@@ -286,7 +310,7 @@ def private_run_dir(paths: CoordPaths) -> Path:
 
 def _start(
     kit: CoordinatorKit, paths: CoordPaths, foreground: bool, insecure: bool,
-    policy: RestartPolicy | None,
+    policy: RestartPolicy | None, dashboard: bool = False,
 ) -> dict[str, Any]:
     """Start the checked coordinator (see :func:`start_coordinator`)."""
     conn = write_flwr_config(kit, paths, insecure)
@@ -295,10 +319,16 @@ def _start(
         "insecure": insecure, "log": str(paths.log_file), "sites": sorted(kit.site_keys),
         "revoked": sorted(r.site for r in kit.revoked),
     }
+    if dashboard:
+        from deploy.dashboard.access import TOKEN_FILE
+
+        info["dashboard"] = f"http://{DASHBOARD_HOST}:{DASHBOARD_PORT}/"
+        info["dashboard-token"] = str(kit.dir / TOKEN_FILE)
     if not foreground:
         (paths.run_dir / "registered").unlink(missing_ok=True)
         argv = python_argv("coord", "start", "--kit", str(kit.dir), "--foreground",
-                           *(["--insecure"] if insecure else []))
+                           *(["--insecure"] if insecure else []),
+                           *(["--dashboard"] if dashboard else []))
         info["pid"] = spawn_background(argv, paths.log_file, paths.pid_file)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not (paths.run_dir / "registered").exists():
@@ -310,9 +340,11 @@ def _start(
     if insecure:
         log.warning("coordinator %s runs WITHOUT TLS (--insecure)", kit.config.project)
     env = child_env(paths.flwr_home)
-    child = Child("superlink", superlink_argv(kit, paths, insecure), env,
-                  after_start=_after_start(kit, paths, conn))
-    supervisor = Supervisor(f"coordinator {kit.config.project}", [child], paths.run_dir,
+    children = [Child("superlink", superlink_argv(kit, paths, insecure), env,
+                      after_start=_after_start(kit, paths, conn))]
+    if dashboard:
+        children.append(Child("dashboard", dashboard_argv(kit, paths)))
+    supervisor = Supervisor(f"coordinator {kit.config.project}", children, paths.run_dir,
                             "coordinator", policy)
     info["pid"] = os.getpid()
     info["exit-code"] = supervisor.run()

@@ -23,11 +23,14 @@ def start(
         "--foreground", help="Run in this process until stopped (systemd, start.sh).")] = False,
     insecure: Annotated[bool, typer.Option(
         "--insecure", help="No TLS (testing only; SuperNode authentication stays on).")] = False,
+    dashboard: Annotated[bool, typer.Option(
+        "--dashboard", help="Also serve the dashboard on 127.0.0.1:8800 (token: the kit's "
+        "dashboard.token).")] = False,
 ) -> None:
     """Check the kit, start the SuperLink (TLS, SuperNode auth, state DB), register site keys."""
     from deploy.coord import start_coordinator
 
-    info = start_coordinator(kit, foreground=foreground, insecure=insecure)
+    info = start_coordinator(kit, foreground=foreground, insecure=insecure, dashboard=dashboard)
     if foreground:
         raise typer.Exit(int(info.get("exit-code", 0)))
     tls = "[red]WITHOUT TLS[/]" if insecure else "TLS"
@@ -35,6 +38,9 @@ def start(
                   f"{info['address']} ({tls}); sites {', '.join(info['sites']) or '-'}"
                   + (f"; revoked {', '.join(info['revoked'])}" if info["revoked"] else "")
                   + f"; log {info['log']}")
+    if "dashboard" in info:
+        console.print(f"dashboard on {info['dashboard']} (token in {info['dashboard-token']})",
+                      highlight=False, soft_wrap=True)
 
 
 @app.command("stop")
