@@ -245,6 +245,7 @@ def start_coordinator(
     insecure: bool = False,
     policy: RestartPolicy | None = None,
     dashboard: bool = False,
+    dashboard_port: int = DASHBOARD_PORT,
 ) -> dict[str, Any]:
     """Check the kit and port, then run the SuperLink under a supervisor and register sites.
 
@@ -260,9 +261,11 @@ def start_coordinator(
     policy : RestartPolicy | None (default: None)
         Restart policy.
     dashboard : bool (default: False)
-        Also run the dashboard (:mod:`deploy.dashboard`) on 127.0.0.1:8800 under the same
+        Also run the dashboard (:mod:`deploy.dashboard`) on 127.0.0.1 under the same
         supervisor, showing ``run/runs`` and the ledger; its token is the kit's
         ``dashboard.token`` (made when missing).
+    dashboard_port : int (default: 8800)
+        The dashboard's port.
 
     Raises
     ------
@@ -276,13 +279,14 @@ def start_coordinator(
     require_free_port(kit.config.bind_host, kit.config.port, "SuperLink port",
                       kit.dir / COORDINATOR_YAML)
     if dashboard:
-        require_free_port(DASHBOARD_HOST, DASHBOARD_PORT, "dashboard port", "--dashboard")
+        require_free_port(DASHBOARD_HOST, dashboard_port, "dashboard port", "--dashboard-port")
     private_run_dir(paths)
     with owner_only_umask():  # the daemon, its SuperLink and ServerApps inherit it
-        return _start(kit, paths, foreground, insecure, policy, dashboard)
+        return _start(kit, paths, foreground, insecure, policy,
+                      dashboard_port if dashboard else None)
 
 
-def dashboard_argv(kit: CoordinatorKit, paths: CoordPaths) -> list[str]:
+def dashboard_argv(kit: CoordinatorKit, paths: CoordPaths, port: int = DASHBOARD_PORT) -> list[str]:
     """Return the ``qanafed dashboard`` command beside the SuperLink (makes its token, folder)."""
     from deploy.dashboard.access import TOKEN_FILE, make_token_file
 
@@ -292,7 +296,7 @@ def dashboard_argv(kit: CoordinatorKit, paths: CoordPaths) -> list[str]:
     paths.runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     return python_argv("dashboard", "--runs", str(paths.runs_dir), "--ledger",
                        str(paths.ledger), "--token-file", str(token), "--host", DASHBOARD_HOST,
-                       "--port", str(DASHBOARD_PORT))
+                       "--port", str(port))
 
 
 def private_run_dir(paths: CoordPaths) -> Path:
@@ -310,7 +314,7 @@ def private_run_dir(paths: CoordPaths) -> Path:
 
 def _start(
     kit: CoordinatorKit, paths: CoordPaths, foreground: bool, insecure: bool,
-    policy: RestartPolicy | None, dashboard: bool = False,
+    policy: RestartPolicy | None, dashboard: int | None = None,
 ) -> dict[str, Any]:
     """Start the checked coordinator (see :func:`start_coordinator`)."""
     conn = write_flwr_config(kit, paths, insecure)
@@ -319,16 +323,17 @@ def _start(
         "insecure": insecure, "log": str(paths.log_file), "sites": sorted(kit.site_keys),
         "revoked": sorted(r.site for r in kit.revoked),
     }
-    if dashboard:
+    if dashboard is not None:  # its port
         from deploy.dashboard.access import TOKEN_FILE
 
-        info["dashboard"] = f"http://{DASHBOARD_HOST}:{DASHBOARD_PORT}/"
+        info["dashboard"] = f"http://{DASHBOARD_HOST}:{dashboard}/"
         info["dashboard-token"] = str(kit.dir / TOKEN_FILE)
     if not foreground:
         (paths.run_dir / "registered").unlink(missing_ok=True)
         argv = python_argv("coord", "start", "--kit", str(kit.dir), "--foreground",
                            *(["--insecure"] if insecure else []),
-                           *(["--dashboard"] if dashboard else []))
+                           *(["--dashboard", "--dashboard-port", str(dashboard)]
+                             if dashboard is not None else []))
         info["pid"] = spawn_background(argv, paths.log_file, paths.pid_file)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not (paths.run_dir / "registered").exists():
@@ -342,8 +347,8 @@ def _start(
     env = child_env(paths.flwr_home)
     children = [Child("superlink", superlink_argv(kit, paths, insecure), env,
                       after_start=_after_start(kit, paths, conn))]
-    if dashboard:
-        children.append(Child("dashboard", dashboard_argv(kit, paths)))
+    if dashboard is not None:
+        children.append(Child("dashboard", dashboard_argv(kit, paths, dashboard)))
     supervisor = Supervisor(f"coordinator {kit.config.project}", children, paths.run_dir,
                             "coordinator", policy)
     info["pid"] = os.getpid()

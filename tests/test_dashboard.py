@@ -462,3 +462,43 @@ def test_browser_sites_and_ledger_pages(browser, served):
     browser.find_element(By.CSS_SELECTOR, "form.logout button").click()
     browser.get(served.base + "/runs/finished")
     assert browser.find_elements(By.ID, "token")  # logged out: the login form again
+
+
+def test_coord_start_dashboard_serves_the_kit_runs_with_the_kit_token(tmp_path):
+    from deploy.coord import coord_paths
+    from deploy.loopback import free_ports
+    from deploy.provision import provision
+
+    coord_port, dash_port, site_port = free_ports(3)
+    project = tmp_path / "project.yaml"
+    project.write_text(
+        f"name: dash\ncoordinator:\n  address: 127.0.0.1\n  port: {coord_port}\n"
+        f"  bind-host: 127.0.0.1\nsites:\n  - name: a\n    data: {tmp_path / 'data'}\n"
+        f"    device: cpu\n    runtime-port: {site_port}\n")
+    provision(project, tmp_path / "kits")
+    kit = tmp_path / "kits" / "coordinator"
+    token = load_token(kit / "dashboard.token")[0]
+
+    def status(headers: dict) -> int | None:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", dash_port, timeout=5)
+            conn.request("GET", "/api/runs", headers=headers)
+            return conn.getresponse().status
+        except OSError:
+            return None
+
+    # the foreground form (systemd, start.sh): one supervisor, SuperLink and dashboard
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qanafed", "coord", "start", "--kit", str(kit), "--foreground",
+         "--insecure", "--dashboard", "--dashboard-port", str(dash_port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        assert _wait(lambda: status({"Authorization": f"Bearer {token}"}), 90,
+                     "the coordinator's dashboard") == 200
+        assert status({}) == 401
+        assert coord_paths(kit).runs_dir.is_dir()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert status({}) is None  # stopped with the coordinator

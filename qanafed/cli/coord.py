@@ -24,13 +24,16 @@ def start(
     insecure: Annotated[bool, typer.Option(
         "--insecure", help="No TLS (testing only; SuperNode authentication stays on).")] = False,
     dashboard: Annotated[bool, typer.Option(
-        "--dashboard", help="Also serve the dashboard on 127.0.0.1:8800 (token: the kit's "
+        "--dashboard", help="Also serve the dashboard on 127.0.0.1 (token: the kit's "
         "dashboard.token).")] = False,
+    dashboard_port: Annotated[int, typer.Option(
+        "--dashboard-port", min=1, max=65535, help="The dashboard's port.")] = 8800,
 ) -> None:
     """Check the kit, start the SuperLink (TLS, SuperNode auth, state DB), register site keys."""
     from deploy.coord import start_coordinator
 
-    info = start_coordinator(kit, foreground=foreground, insecure=insecure, dashboard=dashboard)
+    info = start_coordinator(kit, foreground=foreground, insecure=insecure, dashboard=dashboard,
+                             dashboard_port=dashboard_port)
     if foreground:
         raise typer.Exit(int(info.get("exit-code", 0)))
     tls = "[red]WITHOUT TLS[/]" if insecure else "TLS"
