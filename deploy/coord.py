@@ -348,7 +348,10 @@ def _start(
     children = [Child("superlink", superlink_argv(kit, paths, insecure), env,
                       after_start=_after_start(kit, paths, conn))]
     if dashboard is not None:
-        children.append(Child("dashboard", dashboard_argv(kit, paths, dashboard)))
+        release_pub = kit.dir / "release.pub"  # the kit's release key, when provisioned
+        children.append(Child("dashboard", dashboard_argv(kit, paths, dashboard),
+                              {"QANAFED_RELEASE_KEY": str(release_pub)}
+                              if release_pub.is_file() else None))
     supervisor = Supervisor(f"coordinator {kit.config.project}", children, paths.run_dir,
                             "coordinator", policy)
     info["pid"] = os.getpid()

@@ -66,7 +66,8 @@ class DashboardConfig:
         The coordinator's run ledger (``--ledger``).
     release_key : Path | None (default: None)
         Public key releases are verified against (the coordinator kit's, when started by
-        ``qanafed coord start --dashboard``); None lets the check use its default.
+        ``qanafed coord start --dashboard``, or ``QANAFED_RELEASE_KEY``); None: the check's
+        default (a simulation's own key beside its run folder).
     poll_seconds : float (default: 5.0)
         Seconds between the browser's checks for new data.
     """
@@ -213,10 +214,7 @@ def create_app(config: DashboardConfig) -> Starlette:
 
     def run_page(request: Request) -> Response:
         run_dir = the_run(request)
-        view = run_files.run_view(run_dir)
-        if view["kind"] == "federated" and view["release"] is not None and config.release_key:
-            view["release"] = run_files.trust.release_status(run_dir / run_files.MODEL_FILE,
-                                                             config.release_key)
+        view = run_files.run_view(run_dir, config.release_key)
         has_curves = any(r["phase"] in ("warmup", "qat") and r["global"].get(
             "balanced_accuracy") is not None for r in view.get("rounds") or [])
         return render(request, "run.html", {"run": view, "has_curves": has_curves},
@@ -252,7 +250,7 @@ def create_app(config: DashboardConfig) -> Starlette:
         })
 
     def api_run(request: Request) -> Response:
-        return JSONResponse(run_files.run_view(the_run(request)))
+        return JSONResponse(run_files.run_view(the_run(request), config.release_key))
 
     def api_sites(request: Request) -> Response:
         ledger = read_ledger(config.ledger) if config.ledger else {}

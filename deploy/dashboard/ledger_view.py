@@ -66,7 +66,8 @@ def ledger_runs(ledger: Mapping[str, Any]) -> list[dict[str, Any]]:
         e = runs.setdefault(rep["run"], {"run": rep["run"], "rounds": set(), "sites": set(),
                                          "refusals": 0, "first": rep["time"],
                                          "last": rep["time"]})
-        e["rounds"].add(rep["round"])
+        if rep["phase"] != "privacy":  # the per-site (ε, δ) row the run ends with
+            e["rounds"].add(rep["round"])
         e["sites"].add(rep["site"])
         e["first"], e["last"] = min(e["first"], rep["time"]), max(e["last"], rep["time"])
     for ref in ledger["refusals"]:
@@ -97,7 +98,10 @@ def ledger_view(path: Path | None, folders: Mapping[str, str]) -> dict[str, Any]
 
 
 def sites_view(ledger: Mapping[str, Any], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per site: runs it took part in, last seen, refusals, dropped rounds, policy.
+    """Gather one entry per site: runs, last seen, refusals, dropped rounds, policy.
+
+    A site's policy shows when it reports one; a refusal that names the policy (at hello, in a
+    round, or in the ledger) is shown as ``policy_refusal``.
 
     Parameters
     ----------
@@ -111,7 +115,7 @@ def sites_view(ledger: Mapping[str, Any], runs: list[dict[str, Any]]) -> list[di
     def entry(site: str) -> dict[str, Any]:
         return sites.setdefault(site, {"site": site, "runs": set(), "last_seen": None,
                                        "reports": 0, "refusals": 0, "last_refusal": None,
-                                       "dropped": 0, "policy": None})
+                                       "dropped": 0, "policy": None, "policy_refusal": None})
 
     def seen(e: dict[str, Any], at: float | None) -> None:
         if at is not None and (e["last_seen"] is None or at > e["last_seen"]):
@@ -124,8 +128,16 @@ def sites_view(ledger: Mapping[str, Any], runs: list[dict[str, Any]]) -> list[di
             seen(e, view.get("updated"))
             e["policy"] = e["policy"] or (view.get("site_info") or {}).get(site, {}).get("policy")
         for r in view.get("rounds") or []:
-            for site in r.get("dropped") or {}:
+            for site, why in (r.get("dropped") or {}).items():
                 entry(site)["dropped"] += 1
+                if "policy" in str(why).lower():
+                    entry(site)["policy_refusal"] = str(why)
+        for site, why in (view.get("hello_dropped") or {}).items():  # refused the run's tasks
+            e = entry(site)
+            e["refusals"] += 1
+            e["last_refusal"] = why
+            if "policy" in why.lower():
+                e["policy_refusal"] = why
     for rep in ledger.get("reports") or []:
         e = entry(rep["site"])
         e["runs"].add(rep["run"][:12])
@@ -136,4 +148,6 @@ def sites_view(ledger: Mapping[str, Any], runs: list[dict[str, Any]]) -> list[di
         e = entry(ref["site"])
         e["refusals"] += 1
         e["last_refusal"] = ref["reason"]
+        if "policy" in str(ref["reason"]).lower():
+            e["policy_refusal"] = ref["reason"]
     return [{**e, "runs": sorted(e["runs"])} for _, e in sorted(sites.items())]

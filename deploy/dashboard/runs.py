@@ -264,7 +264,7 @@ def _scenario(report: Mapping[str, Any]) -> dict[str, Any]:
             "new_class": (sc.get("edge") or {}).get("new-class")}
 
 
-def _training_view(run_dir: Path) -> dict[str, Any]:
+def _training_view(run_dir: Path, release_key: Path | None) -> dict[str, Any]:
     metrics, problem = _read_json(run_dir / METRICS_FILE)
     metrics = metrics if isinstance(metrics, dict) else {}
     return {"name": run_dir.name, "kind": "training",
@@ -275,7 +275,7 @@ def _training_view(run_dir: Path) -> dict[str, Any]:
             "scores": {k: _scores(metrics.get(k)) for k in ("float", "quantized", "akida")
                        if isinstance(metrics.get(k), Mapping)},
             "updated": _mtime(run_dir / METRICS_FILE),
-            "release": trust.release_status(run_dir / "model.fbz")}
+            "release": trust.release_status(run_dir / "model.fbz", release_key)}
 
 
 def _is_training(run_dir: Path) -> bool:
@@ -295,10 +295,18 @@ def version(run_dir: Path) -> str:
     return "/".join(parts)
 
 
-def run_view(run_dir: Path) -> dict[str, Any]:
-    """Everything the run page shows, as JSON-able data (what ``/api/runs/<name>`` returns)."""
+def run_view(run_dir: Path, release_key: Path | None = None) -> dict[str, Any]:
+    """Gather everything the run page shows, as JSON (what ``/api/runs/<name>`` returns).
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run folder.
+    release_key : Path | None (default: None)
+        Public key the global model's release is checked against (None: the check's default).
+    """
     if _is_training(run_dir):
-        return {**_training_view(run_dir), "version": version(run_dir)}
+        return {**_training_view(run_dir, release_key), "version": version(run_dir)}
     loaded = _load(run_dir)
     report, events = loaded["report"], loaded["events"]
     start = next((e for e in events if e.get("event") == "start"), {})
@@ -318,8 +326,9 @@ def run_view(run_dir: Path) -> dict[str, Any]:
         "rounds": _rounds(report),
         "final": _final(report),
         "saliency": _saliency(report),
-        "dp": trust.dp_epsilons(report),
-        "release": trust.release_status(model) if model.is_file() else None,
+        "privacy": trust.privacy(report),
+        "hello_dropped": {str(k): str(v) for k, v in (report.get("hello_dropped") or {}).items()},
+        "release": trust.release_status(model, release_key) if model.is_file() else None,
         "updated": _mtime(*(run_dir / n for n in (REPORT_FILE, PROGRESS_FILE))),
         "version": version(run_dir),
     }

@@ -1,9 +1,9 @@
 """Adapter to the trust checks (issue 16): release signatures, ledger audit, DP ε per site.
 
 Those checks live in ``common.release`` (``verify_release``), ``deploy.ledger``
-(``audit_ledger``, ``LedgerAudit``) and the run report; this module is the dashboard's only
-contact with them. Where this version of qanafed does not have them yet, each panel says
-"not available" instead of failing.
+(``audit_ledger``, ``LedgerAudit``) and the report's ``privacy`` block; this module is the
+dashboard's only contact with them. Where this version of qanafed does not have them yet,
+each panel says "not available" instead of failing.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 from common.errors import QanafedError
 from common.log import get_logger
 
-__all__ = ["dp_epsilons", "ledger_audit", "release_status"]
+__all__ = ["ledger_audit", "privacy", "release_status"]
 
 log = get_logger("deploy.dashboard")
 
@@ -94,32 +94,19 @@ def ledger_audit(ledger: Path) -> dict[str, Any]:
             "first_broken": audit.first_broken, "reason": audit.reason}
 
 
-def _epsilon(block: Any) -> dict[str, Any] | None:
-    if not isinstance(block, Mapping):
-        return None
-    eps = block.get("epsilon", block.get("eps"))
-    if eps is None:
-        return None
-    return {"epsilon": eps, "delta": block.get("delta")}
+def privacy(report: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Privacy spent per site from the report's ``privacy`` block, or None when not reported.
 
-
-def dp_epsilons(report: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Privacy spent per site, ``{site: {"epsilon", "delta"}}``, or None when not reported.
-
-    Read from the report's ``dp`` block (site → (ε, δ)) or, failing that, from the latest
-    round in which a site reported a ``dp`` block.
+    Returns
+    -------
+    dict[str, Any] | None
+        ``enabled``, ``clip``, ``noise_multiplier``, ``delta``, ``accountant`` and ``sites``:
+        site id → ``{"rounds", "epsilon", "delta"}`` (``epsilon`` None without DP: unbounded).
     """
-    top = report.get("dp")
-    if isinstance(top, Mapping):
-        per_site = top.get("sites") if isinstance(top.get("sites"), Mapping) else top
-        found = {s: e for s, b in sorted(per_site.items()) if (e := _epsilon(b))}
-        if found:
-            return found
-    found: dict[str, Any] = {}
-    rounds = [r for r in report.get("rounds") or [] if isinstance(r, Mapping)]
-    for r in reversed(rounds):
-        for site, m in (r.get("sites") or {}).items():
-            e = _epsilon(m.get("dp")) if isinstance(m, Mapping) else None
-            if e and site not in found:
-                found[site] = e
-    return dict(sorted(found.items())) or None
+    block = report.get("privacy")
+    if not isinstance(block, Mapping) or not isinstance(block.get("sites"), Mapping):
+        return None
+    sites = {str(site): {k: s.get(k) for k in ("rounds", "epsilon", "delta")}
+             for site, s in sorted(block["sites"].items()) if isinstance(s, Mapping)}
+    return {"enabled": bool(block.get("enabled")), "sites": sites,
+            **{k: block.get(k) for k in ("clip", "noise_multiplier", "delta", "accountant")}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -38,4 +39,8 @@ def dashboard(
         # The one place a secret is shown: the operator needs it to log in.
         console.print(f"access token (new, for this start only): [bold]{token}[/]",
                       highlight=False, soft_wrap=True)
-    serve(DashboardConfig(runs_dir=runs_dir, token=token, ledger=ledger), host=host, port=port)
+    # The release key a coordinator verifies global models with (as `model verify` reads it).
+    release_key = os.environ.get("QANAFED_RELEASE_KEY") or None
+    serve(DashboardConfig(runs_dir=runs_dir, token=token, ledger=ledger,
+                          release_key=Path(release_key) if release_key else None),
+          host=host, port=port)
