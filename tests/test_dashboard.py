@@ -502,3 +502,82 @@ def test_coord_start_dashboard_serves_the_kit_runs_with_the_kit_token(tmp_path):
         proc.terminate()
         proc.wait(timeout=60)
     assert status({}) is None  # stopped with the coordinator
+
+
+# ------------------------------------------------------------------- trust panels (issue 16)
+
+
+def _one_run(tmp_path: Path, report: dict) -> Path:
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "report.json").write_text(json.dumps(report))
+    return run
+
+
+def test_privacy_panel_shows_epsilon_per_site(tmp_path):
+    report = _report()
+    sites = sorted(report["sites"])
+    report["privacy"] = {"enabled": True, "clip": 1.0, "noise_multiplier": 1.1, "delta": 1e-5,
+                         "accountant": "RDP", "sampling_rate": 1.0,
+                         "sites": {s: {"rounds": 3, "epsilon": 2.5 + i, "delta": 1e-5}
+                                   for i, s in enumerate(sites)}}
+    _one_run(tmp_path, report)
+    server = Served(create_app(DashboardConfig(runs_dir=tmp_path / "runs", token=TOKEN)))
+    try:
+        page = server.get("/runs/r", AUTH)[2].decode()
+        view = json.loads(server.get("/api/runs/r", AUTH)[2])
+    finally:
+        server.stop()
+    assert view["privacy"]["sites"][sites[1]]["epsilon"] == 3.5
+    for i, s in enumerate(sites):
+        assert re.search(rf'data-site="{s}">.*?<td class="n">3</td>\s*<td class="n">{2.5 + i:.3g}<',
+                         page, re.S), s
+
+
+def test_release_panel_verifies_the_signed_global_model(tmp_path):
+    release = pytest.importorskip("common.release", reason="signed releases not in this version")
+    run = _one_run(tmp_path, _report())
+    model = run / "global_model.fbz"
+    model.write_bytes(os.urandom(2048))  # what is checked is hash and signature, not content
+    keys = tmp_path / "runs" / "r.keys"  # where qanafed sim keeps the run's keys
+    release.generate_release_keypair(keys / "release.key", keys / "release.pub")
+    release.sign_release(model, keys / "release.key", run_id="r", round=5,
+                         variant="qana-akd1000")
+    server = Served(create_app(DashboardConfig(runs_dir=tmp_path / "runs", token=TOKEN)))
+    try:
+        ok = json.loads(server.get("/api/runs/r", AUTH)[2])["release"]
+        assert ok["verified"] and ok["manifest"]["variant"] == "qana-akd1000"
+        assert "signature and model hash verified" in server.get("/runs/r", AUTH)[2].decode()
+        model.write_bytes(os.urandom(2048))  # another model under the released name
+        bad = json.loads(server.get("/api/runs/r", AUTH)[2])["release"]
+        assert not bad["verified"] and "differs from its signed release" in bad["problem"]
+        assert "Not a valid release" in server.get("/runs/r", AUTH)[2].decode()
+    finally:
+        server.stop()
+
+
+def test_ledger_audit_panel_names_the_first_broken_entry(tmp_path):
+    ledger_mod = pytest.importorskip("deploy.ledger")
+    if not hasattr(ledger_mod, "audit_ledger"):
+        pytest.skip("ledger audit not in this version")
+    import sqlite3
+
+    path = tmp_path / "ledger.sqlite"
+    led = ledger_mod.Ledger(path)
+    for rnd in (1, 2, 3):
+        led.record("run-1", rnd, "site-0", "warmup", {"train_loss": 1.0 / rnd})
+    (tmp_path / "runs").mkdir()
+    server = Served(create_app(DashboardConfig(runs_dir=tmp_path / "runs", token=TOKEN,
+                                               ledger=path)))
+    try:
+        assert json.loads(server.get("/api/ledger", AUTH)[2])["audit"]["ok"] is True
+        assert "Intact" in server.get("/ledger", AUTH)[2].decode()
+        db = sqlite3.connect(path)
+        db.execute("UPDATE reports SET metrics = '{\"train_loss\": 0.01}' WHERE round = 2")
+        db.commit()
+        db.close()
+        audit = json.loads(server.get("/api/ledger", AUTH)[2])["audit"]
+        assert audit["ok"] is False and audit["first_broken"] == 2
+        assert "Broken at entry 2" in server.get("/ledger", AUTH)[2].decode()
+    finally:
+        server.stop()

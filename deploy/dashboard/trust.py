@@ -25,14 +25,21 @@ RELEASE_SUFFIX = ".release.json"
 _NOT_AVAILABLE = "not available in this version of qanafed"
 
 
-def _scalars(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """Return the manifest's fields, nested ones as compact JSON, signatures left out."""
+def _scalars(manifest: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Return the manifest's fields flat (``model.sha256``), lists joined, signatures left out."""
     out: dict[str, Any] = {}
     for key, value in manifest.items():
+        name = f"{prefix}{key}"
         if "signature" in str(key).lower():
             continue
-        out[str(key)] = value if isinstance(value, str | int | float | bool) or value is None \
-            else json.dumps(value, sort_keys=True, default=str)
+        if isinstance(value, Mapping) and not prefix:
+            out.update(_scalars(value, f"{name}."))
+        elif isinstance(value, list) and all(isinstance(v, str | int | float) for v in value):
+            out[name] = ", ".join(str(v) for v in value)
+        elif isinstance(value, str | int | float | bool) or value is None:
+            out[name] = value
+        else:
+            out[name] = json.dumps(value, sort_keys=True, default=str)
     return out
 
 
