@@ -125,17 +125,17 @@ def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dashboard")
     runs = root / "runs"
     report = _report()
-    finished = runs / "finished"
+    finished = runs / "demo"
     finished.mkdir(parents=True)
     for name in ("report.json", "progress.jsonl"):
         shutil.copy(DATA / name, finished / name)
-    live = runs / "in-progress"
+    live = runs / "demo-live"
     live.mkdir()
     text = (DATA / "report.json").read_text()
     (live / "report.json").write_text(text[: len(text) // 3])  # being written
     _advance(live, report, 2)
-    (runs / "finished.keys").mkdir()  # where qanafed sim keeps a run's private key: no run
-    (runs / "finished.keys" / "metrics.key").write_text("SECRET")
+    (runs / "demo.keys").mkdir()  # where qanafed sim keeps a run's private key: no run
+    (runs / "demo.keys" / "metrics.key").write_text("SECRET")
     outside = root / "outside"
     outside.mkdir()
     (outside / "report.json").write_text('{"run_id": "outside", "secret": "OUTSIDE-SECRET"}')
@@ -173,8 +173,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def test_api_refuses_missing_or_wrong_token(served):
-    for path in ("/api/runs", "/api/runs/finished", "/api/sites", "/api/ledger", "/",
-                 "/runs/finished", "/runs/finished/curves.svg", "/sites", "/ledger"):
+    for path in ("/api/runs", "/api/runs/demo", "/api/sites", "/api/ledger", "/",
+                 "/runs/demo", "/runs/demo/curves.svg", "/sites", "/ledger"):
         for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"},
                         {"Authorization": f"Basic {TOKEN}"},
                         {"Cookie": f"{COOKIE}={TOKEN}"}):
@@ -187,28 +187,28 @@ def test_api_lists_runs_by_folder_name_and_mirrors_report(served):
     status, head, body = served.get("/api/runs", AUTH)
     assert status == 200 and head["content-type"].startswith("application/json")
     listed = json.loads(body)
-    assert [r["name"] for r in listed["runs"]] == ["finished", "in-progress"]
+    assert [r["name"] for r in listed["runs"]] == ["demo", "demo-live"]
     report = _report()
-    finished = json.loads(served.get("/api/runs/finished", AUTH)[2])
+    finished = json.loads(served.get("/api/runs/demo", AUTH)[2])
     assert finished["status"] == "complete" and finished["run_id"] == report["run_id"]
     assert finished["final"]["akida"]["balanced_accuracy"] == \
         report["final"]["global"]["akida.balanced_accuracy"]
     # saliency: counts and stability only; the overlay files stay on the sites
     assert "sites/" not in json.dumps(finished["saliency"])
-    live = json.loads(served.get("/api/runs/in-progress", AUTH)[2])
+    live = json.loads(served.get("/api/runs/demo-live", AUTH)[2])
     assert live["status"] == "in progress" and live["source"] == "checkpoint"
     assert [r["step"] for r in live["rounds"]] == [1, 2]
     assert live["progress"]["current"]["step"] == 3
     assert any("report.json could not be read" in n for n in live["notices"])
     ledger_runs = listed["ledger_runs"]
-    assert ledger_runs[0]["folder"] == "finished" and ledger_runs[0]["refusals"] == 1
+    assert ledger_runs[0]["folder"] == "demo" and ledger_runs[0]["refusals"] == 1
 
 
 @pytest.mark.parametrize("path", [
     "/api/runs/..%2F..%2Fetc%2Fpasswd", "/api/runs/%2e%2e", "/api/runs/..", "/api/runs/escape",
-    "/api/runs/finished.keys", "/api/runs/.%2Ffinished", "/runs/..%2F..%2Fetc%2Fpasswd",
+    "/api/runs/demo.keys", "/api/runs/.%2Fdemo", "/runs/..%2F..%2Fetc%2Fpasswd",
     "/runs/escape", "/runs/..%2Foutside/curves.svg", "/static/..%2Fapp.py",
-    "/static/../app.py", "/api/runs/finished%2F..%2F..%2Foutside",
+    "/static/../app.py", "/api/runs/demo%2F..%2F..%2Foutside",
 ])
 def test_traversal_is_404_and_reads_nothing_outside(served, path):
     status, head, body = served.get(path, AUTH)
@@ -218,14 +218,14 @@ def test_traversal_is_404_and_reads_nothing_outside(served, path):
 
 
 def test_security_headers_and_no_remote_sources(served):
-    status, head, body = served.get("/runs/finished", AUTH)
+    status, head, body = served.get("/runs/demo", AUTH)
     assert status == 200
     csp = head["content-security-policy"]
     assert "default-src 'none'" in csp and "http" not in csp and "unsafe-inline" not in csp
     assert head["cache-control"] == "no-store" and head["x-frame-options"] == "DENY"
     assert head["x-content-type-options"] == "nosniff"
     assert not re.search(rb"(src|href)=\"(https?:)?//", body)  # nothing fetched from afar
-    svg = served.get("/runs/finished/curves.svg", AUTH)
+    svg = served.get("/runs/demo/curves.svg", AUTH)
     assert svg[0] == 200 and svg[1]["content-type"] == "image/svg+xml" and b"<svg" in svg[2]
     js = served.get("/static/dashboard.js")  # the package's own assets need no token
     assert js[0] == 200 and b"fetch(" in js[2]
@@ -357,8 +357,8 @@ def _login(driver, served, token: str) -> None:
 
 def _shot(driver, name: str) -> None:
     if SHOTS:
-        height = driver.execute_script("return document.body.scrollHeight")
-        driver.set_window_size(1400, min(max(height + 40, 600), 4000))
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.set_window_size(1400, min(max(height + 160, 600), 4000))
         driver.save_screenshot(str(Path(SHOTS) / f"dashboard-{name}.png"))
         driver.set_window_size(1400, 1000)
 
@@ -372,12 +372,12 @@ def test_browser_login_and_finished_run_shows_report_numbers(browser, served):
     assert "Wrong token" in browser.find_element(By.ID, "login-error").text
     _login(browser, served, TOKEN)
     rows = browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")
-    assert [r.get_attribute("data-run") for r in rows] == ["finished", "in-progress"]
+    assert [r.get_attribute("data-run") for r in rows] == ["demo", "demo-live"]
     cookie = browser.get_cookie(COOKIE)
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["value"] != TOKEN
     _shot(browser, "runs")
 
-    browser.find_element(By.LINK_TEXT, "finished").click()
+    browser.find_element(By.LINK_TEXT, "demo").click()
     assert browser.find_element(By.ID, "run-status").text == "complete"
     assert browser.find_element(By.ID, "run-id").text == report["run_id"]
     rounds = [r for r in report["rounds"] if r["phase"] != "finalize"]
@@ -419,12 +419,12 @@ def test_browser_run_in_progress_updates_by_itself(browser, served, runs):
     from selenium.webdriver.common.by import By
 
     report = _report()
-    live = runs / "in-progress"
+    live = runs / "demo-live"
     _advance(live, report, 2)
-    browser.get(served.base + "/runs/in-progress")
+    browser.get(served.base + "/runs/demo-live")
     if browser.find_elements(By.ID, "token"):  # a fresh browser session
         _login(browser, served, TOKEN)
-        browser.get(served.base + "/runs/in-progress")
+        browser.get(served.base + "/runs/demo-live")
     assert browser.find_element(By.ID, "run-status").text == "in progress"
     notice = browser.find_element(By.CSS_SELECTOR, ".notice").text
     assert "report.json could not be read" in notice
@@ -457,10 +457,10 @@ def test_browser_sites_and_ledger_pages(browser, served):
     browser.get(served.base + "/ledger")
     assert "replayed" in browser.find_element(By.ID, "refusals").text
     assert browser.find_element(By.ID, "audit-status").text
-    assert browser.find_element(By.LINK_TEXT, "finished")
+    assert browser.find_element(By.LINK_TEXT, "demo")
     _shot(browser, "ledger")
     browser.find_element(By.CSS_SELECTOR, "form.logout button").click()
-    browser.get(served.base + "/runs/finished")
+    browser.get(served.base + "/runs/demo")
     assert browser.find_elements(By.ID, "token")  # logged out: the login form again
 
 

@@ -138,9 +138,10 @@ def sites_view(ledger: Mapping[str, Any], runs: list[dict[str, Any]]) -> list[di
             e["last_refusal"] = why
             if "policy" in why.lower():
                 e["policy_refusal"] = why
+    folders = {str(v.get("run_id")): v["name"] for v in runs if v.get("run_id")}
     for rep in ledger.get("reports") or []:
         e = entry(rep["site"])
-        e["runs"].add(rep["run"][:12])
+        e["runs"].add(folders.get(rep["run"], rep["run"][:12]))
         e["reports"] += 1
         seen(e, rep["time"])
         e["policy"] = rep.get("policy") or e["policy"]
