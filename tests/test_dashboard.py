@@ -581,3 +581,24 @@ def test_ledger_audit_panel_names_the_first_broken_entry(tmp_path):
         assert "Broken at entry 2" in server.get("/ledger", AUTH)[2].decode()
     finally:
         server.stop()
+
+
+def test_a_training_run_folder_shows_its_test_scores(tmp_path):
+    run = tmp_path / "runs" / "m64"
+    run.mkdir(parents=True)
+    scores = {kind: {"accuracy": 0.5 + i / 10, "balanced_accuracy": 0.4 + i / 10,
+                     "macro_f1": 0.3 + i / 10, "num_examples": 120}
+              for i, kind in enumerate(("float", "quantized", "akida"))}
+    (run / "metrics.json").write_text(json.dumps({"variant": "qana-akd1000", "size": 64,
+                                                  "class_names": ["mel", "nv"], **scores}))
+    server = Served(create_app(DashboardConfig(runs_dir=tmp_path / "runs", token=TOKEN)))
+    try:
+        listed = json.loads(server.get("/api/runs", AUTH)[2])["runs"]
+        page = server.get("/runs/m64", AUTH)[2].decode()
+    finally:
+        server.stop()
+    assert listed[0]["kind"] == "training"
+    assert listed[0]["balanced_accuracy"] == scores["akida"]["balanced_accuracy"]
+    for kind, s in scores.items():
+        assert re.search(rf'data-model="{kind}">.*?data-score="balanced_accuracy">'
+                         rf'{s["balanced_accuracy"]:.3f}<', page, re.S), kind
