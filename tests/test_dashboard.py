@@ -253,6 +253,12 @@ def test_bad_input_gives_clear_answers_never_a_traceback(tmp_path, runs):
         assert "could not be read" in json.loads(server.get("/api/ledger", AUTH)[2])["problem"]
         view = json.loads(server.get("/api/runs/broken", AUTH)[2])
         assert view["status"] == "in progress" and view["notices"]
+        # valid JSON of the wrong shape, and no progress log: "report unreadable"
+        (broken / "report.json").write_text('{"sites": ["a"], "rounds": "x", "final": 3}')
+        (broken / "progress.jsonl").unlink()
+        status, head, body = server.get("/runs/broken", AUTH)
+        assert status == 200 and b"report unreadable" in body and b"Traceback" not in body
+        assert head["cache-control"] == "no-store" and "content-security-policy" in head
         assert server.get("/nowhere", AUTH)[0] == 404
     finally:
         server.stop()
@@ -275,6 +281,7 @@ def test_cli_refuses_a_missing_runs_folder_and_serves_with_a_printed_token(tmp_p
         lines: list[str] = []
 
         def token() -> str | None:
+            assert proc.poll() is None, f"qanafed dashboard exited: {''.join(lines)}"
             lines.append(proc.stderr.readline())
             match = re.search(r"access token \(new.*\): (\S+)", "".join(lines))
             return match.group(1) if match else None

@@ -114,10 +114,11 @@ def _when(timestamp: float | None) -> str:
 class _Guard(BaseHTTPMiddleware):
     """Refuse requests without the token (401) and put the security headers on every answer."""
 
-    def __init__(self, app: Any, access: Access, render: Any) -> None:
+    def __init__(self, app: Any, access: Access, render: Any, on_error: Any) -> None:
         super().__init__(app)
         self.access = access
         self.render = render
+        self.on_error = on_error
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
         path = request.url.path
@@ -125,7 +126,10 @@ class _Guard(BaseHTTPMiddleware):
             request.headers.get("authorization")) or self.access.cookie_ok(
             request.cookies.get(COOKIE))
         if allowed:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception as exc:  # answered here so that it gets the headers below
+                response = await self.on_error(request, exc)
         elif path.startswith("/api/"):
             response = JSONResponse({"error": "a valid bearer token is required"}, 401,
                                     headers={"WWW-Authenticate": 'Bearer realm="qanafed"'})
@@ -298,7 +302,7 @@ def create_app(config: DashboardConfig) -> Starlette:
     ]
     return Starlette(
         routes=routes,
-        middleware=[Middleware(_Guard, access=access, render=render)],
+        middleware=[Middleware(_Guard, access=access, render=render, on_error=server_error)],
         exception_handlers={HTTPException: http_error, Exception: server_error},
     )
 

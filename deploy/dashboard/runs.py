@@ -74,11 +74,27 @@ def _read_json(path: Path) -> tuple[Any, str | None]:
 
 
 def _events(run_dir: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """Read the progress log; a damaged line is skipped (and said), not fatal."""
+    path = run_dir / PROGRESS_FILE
     try:
-        events, _ = read_events(run_dir / PROGRESS_FILE)
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        return [], f"{PROGRESS_FILE} has an unreadable line ({type(err).__name__})"
-    return [e for e in events if isinstance(e, dict)], None
+        events, _ = read_events(path)
+        return [e for e in events if isinstance(e, dict)], None
+    except (UnicodeDecodeError, ValueError):
+        pass
+    except OSError as err:
+        return [], f"{PROGRESS_FILE} could not be read ({err})"
+    events, bad = [], 0
+    for line in path.read_bytes().split(b"\n")[:-1]:  # the last one may be being written
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+    return events, f"{PROGRESS_FILE}: {bad} unreadable line(s) skipped"
 
 
 def _checkpoint_state(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -200,10 +216,13 @@ def _phases(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [{"phase": p, "rounds": counts.get(p, 0), "seconds": seconds.get(p)} for p in order]
 
 
-def _status(report: Mapping[str, Any] | None, events: list[dict[str, Any]]) -> str:
+def _status(report: Mapping[str, Any] | None, events: list[dict[str, Any]],
+            damaged: bool = False) -> str:
     if report is not None:
         return "complete" if report.get("complete") else "stopped"
     kinds = [e.get("event") for e in events]
+    if damaged and not kinds:
+        return "report unreadable"
     if kinds and kinds[-1] == "interrupted":
         return "interrupted"
     if "done" in kinds:
@@ -230,18 +249,29 @@ def _from_events(events: list[dict[str, Any]]) -> dict[str, Any]:
     return {"run_id": run_id, "rounds": rounds}
 
 
+def _report_shaped(report: Any) -> bool:
+    """Whether ``report`` has the types :func:`server.reports.build_report` gives its keys."""
+    if not isinstance(report, dict):
+        return False
+    kinds = {"sites": dict, "rounds": list, "final": dict, "scenario": dict, "saliency": dict,
+             "phase_seconds": dict}
+    return all(report.get(k) is None or isinstance(report[k], t) for k, t in kinds.items())
+
+
 def _load(run_dir: Path) -> dict[str, Any]:
     """Read a federated run folder: the report, or what a run in progress has written so far."""
     notices: list[str] = []
     report, problem = _read_json(run_dir / REPORT_FILE)
-    if problem or (report is not None and not isinstance(report, dict)):
-        notices.append(f"{problem or REPORT_FILE + ' is not a report'}: the report is being "
-                       "written or is damaged; showing the last checkpoint")
-        report = None
-    events, problem = _events(run_dir)
+    if report is not None and not _report_shaped(report):
+        problem = f"{REPORT_FILE} is not a qanafed run report"
     if problem:
-        notices.append(problem)
-    status = _status(report, events)
+        notices.append(f"{problem}: the report is being written or is damaged; showing the "
+                       "last checkpoint")
+        report = None
+    events, events_problem = _events(run_dir)
+    if events_problem:
+        notices.append(events_problem)
+    status = _status(report, events, damaged=problem is not None)
     source = "report"
     if report is None:
         state, problem = _checkpoint_state(run_dir)
