@@ -344,6 +344,7 @@ def browser():
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
+    driver.implicitly_wait(5)  # find_element waits for what a navigation brings
     yield driver
     driver.quit()
 
@@ -378,6 +379,7 @@ def test_browser_login_and_finished_run_shows_report_numbers(browser, served):
     _login(browser, served, "not-the-token-000000000")
     assert "Wrong token" in browser.find_element(By.ID, "login-error").text
     _login(browser, served, TOKEN)
+    _wait(lambda: browser.title.startswith("Runs"), 20, "the runs page")
     rows = browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")
     assert [r.get_attribute("data-run") for r in rows] == ["demo", "demo-live"]
     cookie = browser.get_cookie(COOKIE)
@@ -385,6 +387,7 @@ def test_browser_login_and_finished_run_shows_report_numbers(browser, served):
     _shot(browser, "runs")
 
     browser.find_element(By.LINK_TEXT, "demo").click()
+    _wait(lambda: browser.title.startswith("demo "), 20, "the run page")
     assert browser.find_element(By.ID, "run-status").text == "complete"
     assert browser.find_element(By.ID, "run-id").text == report["run_id"]
     rounds = [r for r in report["rounds"] if r["phase"] != "finalize"]
@@ -429,8 +432,9 @@ def test_browser_run_in_progress_updates_by_itself(browser, served, runs):
     live = runs / "demo-live"
     _advance(live, report, 2)
     browser.get(served.base + "/runs/demo-live")
-    if browser.find_elements(By.ID, "token"):  # a fresh browser session
+    if browser.title.startswith("Log in"):  # a fresh browser session
         _login(browser, served, TOKEN)
+        _wait(lambda: browser.title.startswith("Runs"), 20, "the runs page")
         browser.get(served.base + "/runs/demo-live")
     assert browser.find_element(By.ID, "run-status").text == "in progress"
     notice = browser.find_element(By.CSS_SELECTOR, ".notice").text
@@ -453,8 +457,9 @@ def test_browser_sites_and_ledger_pages(browser, served):
     from selenium.webdriver.common.by import By
 
     browser.get(served.base + "/sites")
-    if browser.find_elements(By.ID, "token"):
+    if browser.title.startswith("Log in"):
         _login(browser, served, TOKEN)
+        _wait(lambda: browser.title.startswith("Runs"), 20, "the runs page")
         browser.get(served.base + "/sites")
     sites = [r.get_attribute("data-site")
              for r in browser.find_elements(By.CSS_SELECTOR, "#sites tbody tr")]
@@ -467,8 +472,9 @@ def test_browser_sites_and_ledger_pages(browser, served):
     assert browser.find_element(By.LINK_TEXT, "demo")
     _shot(browser, "ledger")
     browser.find_element(By.CSS_SELECTOR, "form.logout button").click()
+    _wait(lambda: browser.title.startswith("Log in"), 20, "the login page")
     browser.get(served.base + "/runs/demo")
-    assert browser.find_elements(By.ID, "token")  # logged out: the login form again
+    assert browser.title.startswith("Log in")  # logged out: the login form again
 
 
 def test_coord_start_dashboard_serves_the_kit_runs_with_the_kit_token(tmp_path):
