@@ -3,10 +3,11 @@ finished and an in-progress run (numbers equal to report.json, live update of a 
 the JSON API refuses missing or wrong tokens (401) and path traversal (404); bad input gives a
 clear page, never a traceback.
 
-The finished run is real output of ``qanafed sim`` (tests/fixtures/dashboard_run: a 3-site,
-2 warm-up + calibration + 1 QAT + finalize run of ``synthetic:n=240,size=48``); the run in
-progress is made from it: a half-written report.json, the checkpoint state after two rounds and
-the progress log up to the third round's start.
+The finished run is real output of ``make demo`` (``qanafed sim --config simulations/demo.yaml``:
+3 synthetic sites, 4 warm-up + calibration + 2 QAT rounds + finalize with on-chip learning;
+its report.json and progress.jsonl are in tests/fixtures/dashboard_run). The run in progress is
+made from it: a half-written report.json, the checkpoint state after two rounds and the
+progress log up to the third round's start.
 """
 
 from __future__ import annotations
