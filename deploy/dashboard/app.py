@@ -165,7 +165,8 @@ def create_app(config: DashboardConfig) -> Starlette:
         return run_dir
 
     def views() -> list[dict[str, Any]]:
-        return [run_files.run_view(runs_dir / n) for n in run_files.list_runs(runs_dir)]
+        return [run_files.run_view(runs_dir / n, check_release=False)
+                for n in run_files.list_runs(runs_dir)]
 
     def folders_by_run_id(vs: list[dict[str, Any]]) -> dict[str, str]:
         found: dict[str, str] = {}
@@ -212,7 +213,7 @@ def create_app(config: DashboardConfig) -> Starlette:
         vs = views()
         lv = ledger_view(config.ledger, folders_by_run_id(vs)) if config.ledger else None
         return render(request, "runs.html", {
-            "runs": [run_files.run_summary(runs_dir / v["name"]) for v in vs],
+            "runs": [run_files.run_summary(v) for v in vs],
             "ledger": lv, "runs_dir": str(runs_dir)}, poll="/api/version",
             version=all_version())
 
@@ -226,7 +227,7 @@ def create_app(config: DashboardConfig) -> Starlette:
 
     def curves(request: Request) -> Response:
         run_dir = the_run(request)
-        view = run_files.run_view(run_dir)
+        view = run_files.run_view(run_dir, check_release=False)
         svg = learning_curves_svg(view.get("rounds") or [], (view["name"], view["version"]))
         if svg is None:
             raise HTTPException(404, "no scored rounds yet")
@@ -248,7 +249,7 @@ def create_app(config: DashboardConfig) -> Starlette:
     def api_runs(request: Request) -> Response:
         vs = views()
         return JSONResponse({
-            "runs": [run_files.run_summary(runs_dir / v["name"]) for v in vs],
+            "runs": [run_files.run_summary(v) for v in vs],
             "ledger_runs": (ledger_view(config.ledger, folders_by_run_id(vs))["runs"]
                             if config.ledger else []),
         })

@@ -294,7 +294,7 @@ def _scenario(report: Mapping[str, Any]) -> dict[str, Any]:
             "new_class": (sc.get("edge") or {}).get("new-class")}
 
 
-def _training_view(run_dir: Path, release_key: Path | None) -> dict[str, Any]:
+def _training_view(run_dir: Path, release_key: Path | None, check: bool) -> dict[str, Any]:
     metrics, problem = _read_json(run_dir / METRICS_FILE)
     metrics = metrics if isinstance(metrics, dict) else {}
     return {"name": run_dir.name, "kind": "training",
@@ -305,7 +305,8 @@ def _training_view(run_dir: Path, release_key: Path | None) -> dict[str, Any]:
             "scores": {k: _scores(metrics.get(k)) for k in ("float", "quantized", "akida")
                        if isinstance(metrics.get(k), Mapping)},
             "updated": _mtime(run_dir / METRICS_FILE),
-            "release": trust.release_status(run_dir / "model.fbz", release_key)}
+            "release": trust.release_status(run_dir / "model.fbz", release_key)
+            if check else None}
 
 
 def _is_training(run_dir: Path) -> bool:
@@ -325,7 +326,8 @@ def version(run_dir: Path) -> str:
     return "/".join(parts)
 
 
-def run_view(run_dir: Path, release_key: Path | None = None) -> dict[str, Any]:
+def run_view(run_dir: Path, release_key: Path | None = None,
+             check_release: bool = True) -> dict[str, Any]:
     """Gather everything the run page shows, as JSON (what ``/api/runs/<name>`` returns).
 
     Parameters
@@ -334,9 +336,11 @@ def run_view(run_dir: Path, release_key: Path | None = None) -> dict[str, Any]:
         The run folder.
     release_key : Path | None (default: None)
         Public key the global model's release is checked against (None: the check's default).
+    check_release : bool (default: True)
+        Check the release (hash and signature); without, ``release`` is None.
     """
     if _is_training(run_dir):
-        return {**_training_view(run_dir, release_key), "version": version(run_dir)}
+        return {**_training_view(run_dir, release_key, check_release), "version": version(run_dir)}
     loaded = _load(run_dir)
     report, events = loaded["report"], loaded["events"]
     start = next((e for e in events if e.get("event") == "start"), {})
@@ -358,7 +362,8 @@ def run_view(run_dir: Path, release_key: Path | None = None) -> dict[str, Any]:
         "saliency": _saliency(report),
         "privacy": trust.privacy(report),
         "hello_dropped": {str(k): str(v) for k, v in (report.get("hello_dropped") or {}).items()},
-        "release": trust.release_status(model, release_key) if model.is_file() else None,
+        "release": trust.release_status(model, release_key)
+        if check_release and model.is_file() else None,
         "updated": _mtime(*(run_dir / n for n in (REPORT_FILE, PROGRESS_FILE))),
         "version": version(run_dir),
     }
@@ -371,9 +376,8 @@ def _site_info(hello: Any) -> dict[str, Any]:
             "policy": hello.get("policy") if isinstance(hello.get("policy"), Mapping) else None}
 
 
-def run_summary(run_dir: Path) -> dict[str, Any]:
-    """One line of the runs page (what ``/api/runs`` lists per folder)."""
-    view = run_view(run_dir)
+def run_summary(view: Mapping[str, Any]) -> dict[str, Any]:
+    """Shorten a :func:`run_view` to one line of the runs page (what ``/api/runs`` lists)."""
     if view["kind"] == "training":
         akida = (view["scores"].get("akida") or {})
         return {"name": view["name"], "kind": "training", "status": view["status"],
