@@ -20,7 +20,7 @@ from typing import Any
 
 from common.checkpoint import LATEST
 from common.progress import read_events
-from common.runio import METRICS_FILE
+from common.runio import AKIDA_FILE, METRICS_FILE
 from deploy.dashboard import trust
 from server.reports import build_report
 
@@ -305,7 +305,7 @@ def _training_view(run_dir: Path, release_key: Path | None, check: bool) -> dict
             "scores": {k: _scores(metrics.get(k)) for k in ("float", "quantized", "akida")
                        if isinstance(metrics.get(k), Mapping)},
             "updated": _mtime(run_dir / METRICS_FILE),
-            "release": trust.release_status(run_dir / "model.fbz", release_key)
+            "release": trust.release_status(run_dir / AKIDA_FILE, release_key)
             if check else None}
 
 
