@@ -39,7 +39,7 @@ class TrainConfig:
         Input side in pixels; must be allowed by the variant's target.
     width : float (default: 1.0)
         Channel multiplier of the variant's stage table.
-    epochs : int (default: 25)
+    epochs : int (default: 50)
         Maximum float-training epochs (early stopping on validation balanced accuracy).
     qat_epochs : int (default: 5)
         Maximum quantization-aware training epochs (0 gives post-training quantization).
@@ -90,8 +90,9 @@ class TrainConfig:
         Test fraction (reported, never used for selection).
     seed : int (default: 0)
         Seed of split, balancing, augmentation and initialisation.
-    patience : int (default: 5)
-        Epochs without validation improvement before stopping.
+    patience : int (default: 20)
+        Epochs without validation improvement before stopping (the cosine schedule's
+        low-learning-rate tail is where validation scores peak: a short patience cuts it off).
     calibration_samples : int (default: 256)
         Training images used to calibrate quantizer ranges.
     min_agreement : float (default: 0.9)
@@ -117,7 +118,7 @@ class TrainConfig:
     variant: str = "qana-akd1000"
     size: int = 64
     width: float = 1.0
-    epochs: int = 25
+    epochs: int = 50
     qat_epochs: int = 5
     batch_size: int = 32
     lr: float = 1e-3
@@ -139,7 +140,7 @@ class TrainConfig:
     val: float = 0.15
     test: float = 0.15
     seed: int = 0
-    patience: int = 5
+    patience: int = 20
     calibration_samples: int = 256
     min_agreement: float = 0.9
     quality_filter: bool = True

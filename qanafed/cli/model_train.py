@@ -48,7 +48,7 @@ def train(
         "qana-akd1000"
     ),
     size: Annotated[int, typer.Option(help="Input side in pixels.")] = 64,
-    epochs: Annotated[int, typer.Option(help="Max float epochs (early stop on val).")] = 25,
+    epochs: Annotated[int, typer.Option(help="Max float epochs (early stop on val).")] = 50,
     qat_epochs: Annotated[int, typer.Option(help="Max QAT epochs (0: post-training).")] = 5,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 32,
     lr: Annotated[float, typer.Option(help="Float learning rate.")] = 1e-3,
@@ -90,7 +90,7 @@ def train(
     augment: Annotated[bool, typer.Option(help="Augment training batches.")] = True,
     split: Annotated[Path | None, typer.Option(help="Reuse a split file (data split).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of split, balancing, augmentation, init.")] = 0,
-    patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs.")] = 5,
+    patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs.")] = 20,
     min_agreement: Annotated[
         float, typer.Option(help="Akida-vs-quantized top-1 agreement needed to save.")
     ] = 0.9,
