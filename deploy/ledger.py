@@ -10,7 +10,6 @@ created on first use; ``qanafed coord status`` summarises it. The ServerApp's qa
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sqlite3
 import time
@@ -19,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from common.log import LOGGER_NAME, get_logger
+from common.log import ensure_log_output, get_logger
 
 __all__ = ["Ledger", "LedgerReceiver"]
 
@@ -169,24 +168,6 @@ class _Receiver(Protocol):
     def restore(self, seen_ids: list[str]) -> None: ...
     def seen_ids(self) -> list[str]: ...
     def open(self, envelope: object, run_id: str, step: int, site: str) -> dict | None: ...
-
-
-def ensure_log_output(log_file: str | Path, level: int = logging.INFO) -> None:
-    """Send the qanafed logger to ``log_file`` too (idempotent).
-
-    flwr starts the ServerApp in a process whose output does not reach the SuperLink's log;
-    without this, refusals and dropped sites would be logged nowhere.
-    """
-    logger = logging.getLogger(LOGGER_NAME)
-    target = str(Path(log_file).resolve())
-    if any(getattr(h, "baseFilename", None) == target for h in logger.handlers):
-        return
-    os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600))  # owner-only
-    handler = logging.FileHandler(target, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(handler)
-    if logger.level == logging.NOTSET or logger.level > level:
-        logger.setLevel(level)
 
 
 class LedgerReceiver:

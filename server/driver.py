@@ -395,5 +395,17 @@ class FederatedRun:
         phase_seconds[step.phase] = round(phase_seconds.get(step.phase, 0.0) + seconds, 2)
         self._event(event="round-end", step=step.number, phase=step.phase,
                     seconds=round(seconds, 2), replies=len(replies), dropped=len(result.failures),
-                    summary=entry["global"])
+                    summary=entry["global"], site_scores=_site_scores(reports))
         return arrays
+
+
+def _site_scores(reports: dict[str, dict]) -> dict[str, float]:
+    """Each site's balanced accuracy in a round (Akida's where the round converted)."""
+    scores = {}
+    for site, rep in reports.items():
+        for key in ("akida", "test"):
+            value = (rep.get(key) or {}).get("balanced_accuracy")
+            if isinstance(value, int | float):
+                scores[site] = round(float(value), 4)
+                break
+    return scores

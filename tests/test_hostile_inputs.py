@@ -444,8 +444,9 @@ def test_sim_keeps_the_keys_of_a_run_made_before_the_move(tmp_path: Path):
 
 def test_coordinator_run_folder_is_made_owner_only(tmp_path: Path):
     # Prepare: a run/ folder left 0755/0644 by an earlier start outside systemd
+    from common.log import ensure_log_output
     from deploy.coord import coord_paths, private_run_dir
-    from deploy.ledger import Ledger, ensure_log_output
+    from deploy.ledger import Ledger
 
     paths = coord_paths(tmp_path / "kit")
     (paths.run_dir / "runs" / "demo").mkdir(parents=True)

@@ -39,9 +39,14 @@ def _root(
     ),
 ) -> None:
     """Federated QANA skin-lesion training with on-site Akida conversion."""
+    from common.log import get_logger
     from qanafed.cli._common import setup_logging
+    from qanafed.cli.quiet import filter_native_stderr
 
     setup_logging(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        native = get_logger("native")
+        filter_native_stderr(lambda line: native.debug("%s", line))
 
 
 def main() -> None:

@@ -19,11 +19,19 @@ console = Console(stderr=True)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """Send the qanafed logger to a rich handler on stderr (idempotent)."""
+    """Send the qanafed logger to a rich handler on stderr at ``level`` (idempotent).
+
+    A run's log file (:func:`common.log.ensure_log_output`) may take lower levels than the
+    console shows.
+    """
     log = logging.getLogger(LOGGER_NAME)
-    log.setLevel(level)
-    if not any(isinstance(h, RichHandler) for h in log.handlers):
-        log.addHandler(RichHandler(console=console, show_path=False, rich_tracebacks=False))
+    if log.level == logging.NOTSET or log.level > level:
+        log.setLevel(level)
+    handler = next((h for h in log.handlers if isinstance(h, RichHandler)), None)
+    if handler is None:
+        handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+        log.addHandler(handler)
+    handler.setLevel(level)
 
 
 def print_json(obj: Any) -> None:

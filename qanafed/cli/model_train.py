@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from common.log import ensure_log_output
 from qanafed.cli._common import console, print_json, stdout_to_stderr
 
 
@@ -156,6 +158,8 @@ def train(
     from common.outdir import check_out_dir
 
     check_out_dir(out, inputs={"--data": data, "--split": split}, force=force)
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_log_output(out / "run.log", logging.DEBUG)
     ds = load_dataset(data)
     with stage_progress() as progress, stdout_to_stderr():
         payload = run_training(ds, cfg, out, split_file=split, progress=progress)

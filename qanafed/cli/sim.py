@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import threading
@@ -12,8 +13,10 @@ from typing import Annotated
 
 import typer
 
+from common.log import ensure_log_output, get_logger
 from qanafed.cli._common import console
 
+log = get_logger("cli.sim")
 
 def _keys(out: Path, metrics_key: Path | None) -> tuple[Path, Path]:
     """Coordinator metrics key pair: the given private key, the run's own, or a new one.
@@ -62,34 +65,58 @@ def _checkpointed(out: Path) -> str:
 
 
 def _follow(path: Path, stop: threading.Event, total_hint: int) -> None:
-    """Show the driver's progress events (``progress.jsonl``) as a rich progress bar."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    """Show the driver's progress events (``progress.jsonl``) as a live rounds x sites table."""
+    from rich.console import Group
+    from rich.live import Live
+    from rich.table import Table
+    from rich.text import Text
 
     from common.progress import read_events
 
     offset = path.stat().st_size if path.exists() else 0
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-                  "{task.total} rounds"), TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task("waiting for sites", total=total_hint)
+    state: dict = {"total": total_hint, "done": 0, "sites": [], "now": "waiting for sites",
+                   "rows": []}
+
+    def render() -> Group:
+        table = Table(title="rounds", title_justify="left", expand=False)
+        for name in ("round", "phase", "replies", "dropped", *state["sites"], "global", "s"):
+            table.add_column(name, justify="left" if name == "phase" else "right")
+        for ev in state["rows"]:
+            s = ev.get("summary") or {}
+            ba = s.get("test.balanced_accuracy") or s.get("akida.balanced_accuracy")
+            scores = ev.get("site_scores") or {}
+            table.add_row(str(ev["step"]), ev["phase"], str(ev["replies"]), str(ev["dropped"]),
+                          *(_fmt(scores.get(site)) for site in state["sites"]), _fmt(ba),
+                          f"{ev['seconds']:.0f}")
+        status = Text(f"{state['done']}/{state['total']} rounds - {state['now']}", style="cyan")
+        return Group(table, status)
+
+    with Live(render(), console=console, refresh_per_second=2, transient=False) as live:
         while not stop.is_set():
             new, offset = read_events(path, offset)
             for ev in new:
                 kind = ev.get("event")
                 if kind == "start":
-                    bar.update(task, total=ev["total"], completed=ev["done"])
+                    state.update(total=ev["total"], done=ev["done"])
                 elif kind == "sites":
-                    bar.update(task, description=f"sites: {', '.join(ev['sites'])}")
+                    state["sites"] = sorted(ev["sites"])
+                    state["now"] = f"{len(state['sites'])} site(s) connected"
                 elif kind == "round-start":
-                    bar.update(task, description=f"round {ev['step']}: {ev['phase']} "
-                               f"{ev['index']}")
+                    state["now"] = f"round {ev['step']}: {ev['phase']} {ev['index']} running"
                 elif kind == "round-end":
-                    bar.advance(task)
-                    s = ev.get("summary") or {}
-                    ba = s.get("test.balanced_accuracy") or s.get("akida.balanced_accuracy")
-                    console.log(f"round {ev['step']} {ev['phase']}: {ev['replies']} replies, "
-                                f"{ev['dropped']} dropped, {ev['seconds']} s"
-                                + (f", bal. acc. {ba:.3f}" if ba is not None else ""))
+                    state["done"] += 1
+                    state["rows"].append(ev)
+                    state["now"] = f"round {ev['step']} done"
+                    log.debug("round %s %s: %s replies, %s dropped, %s s", ev["step"],
+                              ev["phase"], ev["replies"], ev["dropped"], ev["seconds"])
+            if new:
+                live.update(render())
             time.sleep(0.5)
+
+
+def _fmt(value: float | None) -> str:
+    """Format a balanced accuracy as 0.123, or a dash when there is none."""
+    return f"{value:.3f}" if isinstance(value, int | float) else "-"
 
 
 def sim(
@@ -139,6 +166,7 @@ def sim(
     if force:
         sim_checks.clear(out)
     out.mkdir(parents=True, exist_ok=True)
+    ensure_log_output(out / "run.log", logging.DEBUG)
     private, public = _keys(out, metrics_key)
     if out.resolve() in private.resolve().parents:
         console.print(f"[yellow]warning:[/] the metrics private key {private} is inside the run "

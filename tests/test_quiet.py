@@ -1,0 +1,59 @@
+"""The CLI keeps native TensorFlow/CUDA/absl lines off the console and in the run log."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from qanafed.cli.quiet import is_native_noise
+
+NOISE = [
+    "E0000 00:00:1796691730.219020   20336 cuda_blas.cc:1407] Unable to register cuBLAS factory",
+    "W0000 00:00:1796691730.258931   20336 computation_placer.cc:177] computation placer already",
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+    "2026-12-08 01:03:05.100562: E external/local_xla/xla/stream_executor/cuda/cuda_platform.cc"
+    ":51] failed call to cuInit: INTERNAL: CUDA error",
+    "\x1b[36m(pid=21642)\x1b[0m W0000 00:00:1796691763.553952   21642 computation_placer.cc:177] x",
+    "(ClientAppActor pid=21643) 2026-12-08 01:03:08.070417: E external/x/cuda_platform.cc:51] y",
+]
+KEPT = [
+    "[12/08/26 01:02:31] INFO     simulation: 3 sites, 2 in parallel",
+    "error: --out folder runs/demo is not empty",
+    "Traceback (most recent call last):",
+    "(pid=1) a site's own message",
+    "E0000 is not a log record without its file:line] part",
+]
+
+
+def test_noise_patterns_match_native_lines_only():
+    assert all(is_native_noise(line) for line in NOISE)
+    assert not any(is_native_noise(line) for line in KEPT)
+
+
+def test_filter_drops_native_lines_of_a_real_tensorflow_import_and_keeps_the_rest(tmp_path):
+    # A child process: the filter on, TensorFlow imported (its C++ start-up lines go to fd 2),
+    # then one native noise line and one ordinary line written straight to fd 2, and one
+    # line through Python's sys.stderr; dropped lines go to a sink file.
+    sink = tmp_path / "native.log"
+    script = textwrap.dedent(f"""
+        import os, sys
+        from qanafed.cli.quiet import filter_native_stderr
+        out = open({str(sink)!r}, "w")
+        filter_native_stderr(lambda line: (out.write(line + "\\n"), out.flush()))
+        import tensorflow as tf
+        tf.constant(1.0) + 1.0
+        os.write(2, b"E0000 00:00:12.5 77 fake_plugin.cc:9] a native start-up line\\n")
+        os.write(2, b"a child process's own line\\n")
+        print("python stderr line", file=sys.stderr)
+    """)
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "0"}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = res.stderr.splitlines()
+    assert not [line for line in lines if is_native_noise(line)], res.stderr
+    assert "a child process's own line" in lines
+    assert "python stderr line" in lines
+    assert "fake_plugin.cc:9] a native start-up line" in sink.read_text()
