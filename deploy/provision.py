@@ -43,6 +43,7 @@ from common.metrics_crypto import (
     load_metrics_public_key,
     save_metrics_keypair,
 )
+from common.release import release_key_ids
 from deploy import pki
 from deploy.dashboard.access import TOKEN_FILE as DASHBOARD_TOKEN
 from deploy.dashboard.access import make_token_file
@@ -65,6 +66,7 @@ from deploy.project import (
     format_address,
     load_project,
 )
+from deploy.release_keys import ensure_release_key, site_release_files
 
 __all__ = ["MANIFEST", "Artifact", "ProvisionResult", "provision"]
 
@@ -510,6 +512,10 @@ class _Provisioner:
                 "public-key": f"{_COORD_DIR}/metrics.pub",
                 "key-id": key_id(load_metrics_public_key(self.coord / "metrics.pub")),
             },
+            "release": {
+                "public-key": f"{_COORD_DIR}/release.pub",
+                "key-ids": release_key_ids(self.coord),
+            },
             "coordinator": {
                 "name": spec.name,
                 "address": spec.address,
@@ -566,6 +572,9 @@ def provision(project_file: str | Path, out_dir: str | Path) -> ProvisionResult:
     ca_key, ca_cert = run.ca()
     server = run.server_cert(ca_key, ca_cert)
     metrics_pem = run.metrics_key()
+    action, release_id = ensure_release_key(run.coord)
+    run.note(project.coordinator.name, "release key", action, run.coord / "release.key",
+             release_id)
     revoked, newly_revoked = run.revoke_removed()
     site_lines = {site.name: run.site_key(site.name) for site in project.sites}
     ports = run.runtime_ports()
@@ -573,6 +582,8 @@ def provision(project_file: str | Path, out_dir: str | Path) -> ProvisionResult:
     run.coordinator_kit(ca_pem, site_lines, ports, revoked)
     for site in project.sites:
         run.site_kit(site.name, ca_pem, metrics_pem, ports[site.name])
+        for name, data in site_release_files(run.coord).items():  # root key, chain, revocations
+            _put(out / _SITES_DIR / site.name / name, data)
     manifest = run.manifest(ca_cert, server, metrics_pem, site_lines, ports, revoked)
 
     # Self-check: every kit written must pass the checks its daemon will make.

@@ -48,7 +48,9 @@ def run_server(
         (override), ``out-dir``, ``metrics-private-key`` (PEM path), ``resume`` (bool),
         ``stop-after`` (int, 0 = run to the end), ``ledger`` (SQLite run ledger path; empty:
         none), ``site-nodes`` (deployment: the coordinator's ``nodes.json``, node id ↔ site of
-        each registered SuperNode key; empty in simulation), ``stop-event`` (a
+        each registered SuperNode key; empty in simulation), ``release-private-key`` (the
+        coordinator's Ed25519 ``release.key``: the global model is published with a signed
+        ``global_model.fbz.release.json``; empty: unsigned), ``stop-event`` (a
         ``threading.Event`` that interrupts the run, see :class:`FederatedRun`).
     model_factory : ModelFactory (default: QANA)
         Builds the server-side model operations.
@@ -96,7 +98,22 @@ def run_server(
     report = build_report(state, wall_seconds=round(time.monotonic() - start, 1))
     write_report(out_dir, report)
     log.info("report written to %s", out_dir / "report.json")
+    release_key = _setting(settings, "release-private-key")
+    if release_key:
+        _sign_global_model(out_dir / "global_model.fbz", Path(release_key), cfg, report)
     return report
+
+
+def _sign_global_model(model: Path, key: Path, cfg: FedConfig, report: dict[str, Any]) -> None:
+    """Publish the global model: its signed manifest ``<model>.release.json`` beside it."""
+    from common.release import sign_release
+
+    final = report.get("final")
+    if final is None or not model.is_file():
+        return  # an unfinished run, or a float variant: no model to release
+    sign_release(model, key, run_id=report["run_id"], round=final["step"], scenario=cfg.name,
+                 variant=cfg.model.variant, sites=sorted(final.get("sites") or {}),
+                 server_hash=final.get("server_hash"), metrics=final.get("global") or {})
 
 
 def make_server_app(

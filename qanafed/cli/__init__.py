@@ -7,7 +7,7 @@ import logging
 import typer
 
 from qanafed import __version__
-from qanafed.cli import coord, dashboard, data, model, model_study, provision, sim, site
+from qanafed.cli import coord, dashboard, data, model, model_study, provision, release, sim, site
 
 app = typer.Typer(
     name="qanafed",
@@ -17,9 +17,11 @@ app = typer.Typer(
 )
 app.add_typer(data.app, name="data")
 model_study.register(model.app)
+release.register(model.app)
 app.add_typer(model.app, name="model")
 app.add_typer(site.app, name="site")
 app.add_typer(coord.app, name="coord")
+app.add_typer(release.app, name="release")
 app.command("sim")(sim.sim)
 app.command("provision")(provision.provision)
 app.command("dashboard")(dashboard.dashboard)

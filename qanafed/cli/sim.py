@@ -42,6 +42,20 @@ def _keys(out: Path, metrics_key: Path | None) -> tuple[Path, Path]:
     return private, public
 
 
+def _release_key(private_metrics: Path) -> Path:
+    """Return the run's release key beside its metrics key (made once); it signs the model.
+
+    ``qanafed model verify --model OUT/global_model.fbz`` finds the public half there.
+    """
+    from common.release import generate_release_keypair
+
+    private = private_metrics.with_name("release.key")
+    if not private.is_file():
+        private.with_name("release.pub").unlink(missing_ok=True)
+        generate_release_keypair(private, private.with_name("release.pub"))
+    return private
+
+
 def _resume_command(config: Path, out: Path, data: str | None, parallel: int | None,
                     metrics_key: Path | None) -> str:
     """Return the ``qanafed sim ... --resume`` command that continues this run."""
@@ -179,8 +193,10 @@ def sim(
     cfg = cfg.model_copy(update={"metrics_key": str(public.resolve())})
     interrupt = threading.Event()
     resume_cmd = _resume_command(config, out, data, parallel, metrics_key)
+    release_key = _release_key(sim_checks.key_paths(out)[0])
     server_app = make_server_app({"scenario-config": cfg, "out-dir": str(out),
                                   "metrics-private-key": str(private), "resume": resume,
+                                  "release-private-key": str(release_key),
                                   "stop-event": interrupt})
     stop = threading.Event()
     follower = threading.Thread(target=_follow, args=(out / "progress.jsonl", stop,
@@ -218,6 +234,12 @@ def sim(
                   f"{out / 'report.md'}, {len(plots)} plot(s)"
                   + (f", {out / 'global_model.fbz'}" if (out / "global_model.fbz").exists()
                      else ""))
+    from common.release import release_path
+
+    if release_path(out / "global_model.fbz").is_file():
+        console.print(f"signed release: {release_path(out / 'global_model.fbz')} (check it: "
+                      f"qanafed model verify --model {out / 'global_model.fbz'}; public key "
+                      f"{release_key.with_name('release.pub')})", highlight=False, soft_wrap=True)
     for site, m in sorted((final.get("sites") or {}).items()):
         a, e = m.get("akida") or {}, m.get("akida_after_edge") or {}
         console.print(f"  {site}: hash match {m.get('hash_matches')}, Akida bal. acc. "

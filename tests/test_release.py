@@ -1,0 +1,152 @@
+"""Signed model releases on real Ed25519 keys and real files: sign, verify, tamper, rotate, revoke."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.errors import SecurityError
+from common.model_meta import model_meta, write_meta
+from common.release import (
+    generate_release_keypair,
+    release_path,
+    revoke_release_key,
+    root_public_pem,
+    rotate_release_key,
+    sign_release,
+    verify_release,
+)
+
+
+@pytest.fixture
+def released(tmp_path: Path) -> dict[str, Path]:
+    """A coordinator key folder, a site kit trusting its key, and a signed model with metadata."""
+    coord, site = tmp_path / "coordinator", tmp_path / "site"
+    generate_release_keypair(coord / "release.key", coord / "release.pub")
+    site.mkdir()
+    (site / "release.pub").write_bytes(root_public_pem(coord))
+    model = tmp_path / "run" / "global_model.fbz"
+    model.parent.mkdir()
+    model.write_bytes(bytes(range(256)) * 64)
+    write_meta(model, model_meta(variant="qana-akd1000", size=32, class_names=["a", "b"],
+                                 colour="shades-of-gray"))
+    sign_release(model, coord / "release.key", run_id="run-1", round=7,
+                 metrics={"balanced_accuracy": 0.61, "undefined": float("nan")})
+    return {"coord": coord, "site": site, "model": model, "pub": site / "release.pub"}
+
+
+def test_valid_release_returns_the_signed_manifest(released: dict[str, Path]) -> None:
+    manifest = verify_release(released["model"], released["pub"])
+    assert manifest["run_id"] == "run-1" and manifest["round"] == 7
+    assert manifest["variant"] == "qana-akd1000" and manifest["classes"] == ["a", "b"]
+    assert manifest["preprocessing"]["colour_constancy"] == "shades-of-gray"
+    assert manifest["metrics"] == {"balanced_accuracy": 0.61, "undefined": None}
+    assert len(manifest["model"]["sha256"]) == 64 and manifest["key_id"]
+
+
+def test_model_one_byte_different_is_refused(released: dict[str, Path]) -> None:
+    model = released["model"]
+    data = bytearray(model.read_bytes())
+    data[100] ^= 1
+    model.write_bytes(bytes(data))
+    with pytest.raises(SecurityError, match="differs from its signed release") as err:
+        verify_release(model, released["pub"])
+    assert str(model) in err.value.problem and "copy it again" in err.value.fix
+    assert release_path(model).is_file()  # nothing saved is deleted
+
+
+def test_tampered_manifest_is_refused(released: dict[str, Path]) -> None:
+    path = release_path(released["model"])
+    doc = json.loads(path.read_text())
+    doc["manifest"]["round"] = 8
+    path.write_text(json.dumps(doc))
+    with pytest.raises(SecurityError, match="altered after it was signed") as err:
+        verify_release(released["model"], released["pub"])
+    assert str(path) in err.value.problem
+
+
+def test_manifest_resigned_by_another_key_is_unknown(released: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    generate_release_keypair(tmp_path / "evil" / "release.key", tmp_path / "evil" / "release.pub")
+    sign_release(released["model"], tmp_path / "evil" / "release.key", run_id="run-1")
+    with pytest.raises(SecurityError, match="not the trusted key"):
+        verify_release(released["model"], released["pub"])
+
+
+def test_wrong_public_key_is_refused(released: dict[str, Path], tmp_path: Path) -> None:
+    generate_release_keypair(tmp_path / "other" / "release.key", tmp_path / "other" / "release.pub")
+    with pytest.raises(SecurityError, match="not the trusted key") as err:
+        verify_release(released["model"], tmp_path / "other" / "release.pub")
+    assert "--key" in err.value.fix
+
+
+def test_missing_manifest_is_refused(released: dict[str, Path]) -> None:
+    release_path(released["model"]).unlink()
+    with pytest.raises(SecurityError, match="no signed release manifest") as err:
+        verify_release(released["model"], released["pub"])
+    assert "never run an unsigned model" in err.value.fix
+
+
+def test_rotated_key_is_followed_from_the_root(released: dict[str, Path]) -> None:
+    old_id, new_id = rotate_release_key(released["coord"])
+    assert old_id != new_id
+    assert (released["coord"] / "retired" / f"release-{old_id}.key").stat().st_mode & 0o077 == 0
+    assert root_public_pem(released["coord"]) == released["pub"].read_bytes()
+    sign_release(released["model"], released["coord"] / "release.key", run_id="run-2")
+    manifest = verify_release(released["model"], released["pub"])  # site still trusts the root
+    assert manifest["key_id"] == new_id and manifest["run_id"] == "run-2"
+    old_id2, newer = rotate_release_key(released["coord"])  # a chain of two links
+    assert old_id2 == new_id
+    sign_release(released["model"], released["coord"] / "release.key", run_id="run-3")
+    assert verify_release(released["model"], released["pub"])["key_id"] == newer
+
+
+def test_forged_rotation_link_is_refused(released: dict[str, Path]) -> None:
+    rotate_release_key(released["coord"])
+    sign_release(released["model"], released["coord"] / "release.key", run_id="run-2")
+    path = release_path(released["model"])
+    doc = json.loads(path.read_text())
+    doc["key_chain"][0]["created"] = "2000-01-01T00:00:00Z"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(SecurityError, match="key chain tampered"):
+        verify_release(released["model"], released["pub"])
+
+
+def test_revoked_keys_are_refused(released: dict[str, Path]) -> None:
+    old_id, new_id = rotate_release_key(released["coord"])
+    sign_release(released["model"], released["coord"] / "release.key", run_id="run-2")
+    revoke_release_key(released["site"], new_id, "lost laptop")
+    with pytest.raises(SecurityError, match=f"revoked.*{released['site'] / 'release-revoked.json'}"):
+        verify_release(released["model"], released["pub"])
+    revoke_release_key(released["site"], old_id)  # the trusted root itself
+    with pytest.raises(SecurityError, match=f"release key {old_id}, which is revoked"):
+        verify_release(released["model"], released["pub"])
+
+
+def test_cli_verify_exit_codes(released: dict[str, Path]) -> None:
+    cmd = [sys.executable, "-m", "qanafed", "model", "verify", "--model", str(released["model"]),
+           "--key", str(released["pub"])]
+    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "run-1" in ok.stdout + ok.stderr
+    data = bytearray(released["model"].read_bytes())
+    data[0] ^= 0xFF
+    released["model"].write_bytes(bytes(data))
+    bad = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "differs from its signed release" in bad.stderr
+
+
+def test_cli_verify_finds_the_run_key(released: dict[str, Path]) -> None:
+    keys = released["model"].parent.with_name("run.keys")
+    keys.mkdir()
+    shutil.copy(released["pub"], keys / "release.pub")
+    cmd = [sys.executable, "-m", "qanafed", "model", "verify", "--model", str(released["model"]),
+           "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["manifest"]["round"] == 7
