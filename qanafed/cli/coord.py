@@ -1,4 +1,4 @@
-"""``qanafed coord start/stop/run/status``: the SuperLink, site registration, runs, ledger."""
+"""``qanafed coord start/stop/run/status/audit``: the SuperLink, sites, runs, the ledger."""
 
 from __future__ import annotations
 
@@ -144,3 +144,41 @@ def status(
         table.add_row(r["run"][:12], str(len(r["rounds"])), str(r["last-round"]),
                       ", ".join(r["sites"]), str(r["refusals"]))
     console.print(table)
+
+
+@app.command("audit")
+def audit(
+    ledger: Annotated[Path | None, typer.Option(
+        "--ledger", help="The ledger file; default: the kit's run/ledger.sqlite.")] = None,
+    kit: Annotated[Path | None, typer.Option(
+        "--kit", "-k", help="The coordinator kit (its ledger, and its metrics.key to re-open "
+        "every stored envelope).")] = None,
+    metrics_key: Annotated[Path | None, typer.Option(
+        "--metrics-key", help="Coordinator metrics.key: re-open each stored envelope and "
+        "compare its metrics (default with --kit: the kit's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+) -> None:
+    """Verify the run ledger's hash chain and stored envelopes; exit 1 naming the first break."""
+    from dataclasses import asdict
+
+    from common.errors import ConfigError
+    from deploy.ledger import audit_ledger
+
+    if ledger is None:
+        if kit is None:
+            raise ConfigError("no ledger to audit", "pass --ledger FILE or --kit KIT")
+        ledger = kit / "run" / "ledger.sqlite"
+    if metrics_key is None and kit is not None and (kit / "metrics.key").is_file():
+        metrics_key = kit / "metrics.key"
+    result = audit_ledger(ledger, metrics_key)
+    if as_json:
+        print_json(asdict(result))
+    elif result.ok:
+        console.print(f"[bold green]ledger intact[/]: {result.reason}; last entry hash "
+                      f"{result.head}", highlight=False, soft_wrap=True)
+    else:
+        where = f"entry {result.first_broken}: " if result.first_broken else ""
+        console.print(f"[bold red]ledger NOT intact[/] ({where}{result.entries} entries read): "
+                      f"{result.reason}", highlight=False, soft_wrap=True)
+    if not result.ok:
+        raise typer.Exit(1)
