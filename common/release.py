@@ -50,6 +50,7 @@ __all__ = [
     "RELEASE_SUFFIX",
     "REVOKED_FILE",
     "canonical_json",
+    "check_before_use",
     "default_public_key",
     "file_sha256",
     "generate_release_keypair",
@@ -490,6 +491,23 @@ def verify_release(model: str | Path, public_key: str | Path | None = None) -> d
     _log.info("verified release of %s (run %s, round %s, key %s)", model,
               manifest.get("run_id"), manifest.get("round"), manifest.get("key_id"))
     return manifest
+
+
+def check_before_use(model: str | Path, public_key: str | Path | None) -> dict[str, Any] | None:
+    """Verify a model before it is loaded, converted or taught, when it is a release.
+
+    A model is treated as a release when a trusted key is given (a site names its kit's
+    ``release.pub``) or when a ``<model>.release.json`` lies beside it; then anything but a
+    valid release is refused. A model with neither (one trained locally) passes unchecked.
+
+    Returns
+    -------
+    dict[str, Any] | None
+        The verified manifest, or None for an unreleased model used without a key.
+    """
+    if public_key is None and not release_path(model).is_file():
+        return None
+    return verify_release(model, public_key)
 
 
 def default_public_key(model: str | Path) -> Path:

@@ -386,7 +386,8 @@ def write_app(paths: CoordPaths) -> Path:
             "components": {"serverapp": "server.server_app:app",
                            "clientapp": "client.client_app:app"},
             "config": {"scenario": "", "data": "", "out-dir": "", "metrics-private-key": "",
-                       "resume": False, "stop-after": 0, "ledger": "", "site-nodes": ""},
+                       "resume": False, "stop-after": 0, "ledger": "", "site-nodes": "",
+                       "release-private-key": ""},
         }}},
     }
     paths.app_dir.mkdir(parents=True, exist_ok=True)
@@ -450,6 +451,9 @@ def _launch(
         "metrics-private-key": str(kit.metrics_private_key), "resume": bool(resume),
         "stop-after": int(stop_after), "ledger": str(paths.ledger),
         "site-nodes": str(_nodes_file(paths)),
+        # The global model is published with a manifest signed by this key (sites verify it).
+        "release-private-key": str(kit.dir / "release.key")
+        if (kit.dir / "release.key").is_file() else "",
     }
     run_config = paths.run_dir / "run-config.toml"
     run_config.write_text(tomli_w.dumps(overrides), encoding="utf-8")

@@ -211,3 +211,34 @@ def test_provisioned_kits_rotate_and_revoke(tmp_path: Path) -> None:
         verify_release(model, site_pub)
     assert provision(project, kits).actions("coordinator")["release key"] == "reused"
     assert (kits / "sites" / "a" / "release-revoked.json").is_file()
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "qanafed", *args], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_site_refuses_to_learn_from_a_tampered_or_unsigned_model(
+    released: dict[str, Path], tmp_path: Path
+) -> None:
+    """``model learn`` (on-chip learning at a site) refuses before it loads anything."""
+    model, pub, out = released["model"], released["pub"], tmp_path / "learned"
+    learn = ("model", "learn", "--model", str(model), "--data", "synthetic:n=40,size=32",
+             "--shots", "1", "--out", str(out))
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 1
+    model.write_bytes(bytes(data))
+    tampered = _cli(*learn, "--release-key", str(pub))
+    assert tampered.returncode == 2 and "differs from its signed release" in tampered.stderr
+    assert not out.exists()
+    no_key = _cli(*learn)  # a manifest beside it, but no trusted key anywhere
+    assert no_key.returncode == 2 and "no release public key given" in no_key.stderr
+    release_path(model).unlink()
+    unsigned = _cli(*learn, env={"QANAFED_RELEASE_KEY": str(pub)})  # a site's key, no manifest
+    assert unsigned.returncode == 2 and "no signed release manifest" in unsigned.stderr
+    evaluate = _cli("model", "evaluate", "--model", str(model), "--data", "synthetic:n=40",
+                    "--release-key", str(pub))
+    assert evaluate.returncode == 2 and "no signed release manifest" in evaluate.stderr
+    assert not out.exists() and model.is_file()  # nothing saved is lost

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from qanafed.cli.release import ReleaseKeyOpt
+
 if TYPE_CHECKING:
     import akida
     import numpy as np
@@ -31,11 +33,16 @@ def _model_file(path: Path) -> Path:
     return path / "model.fbz" if path.is_dir() else path
 
 
-def _load_akida(path: Path) -> akida.Model:
-    """Load an Akida model, turning a missing or foreign file into a clear ModelError."""
+def _load_akida(path: Path, release_key: Path | None = None) -> akida.Model:
+    """Load an Akida model, turning a missing or foreign file into a clear ModelError.
+
+    A released model (a ``release_key`` given, or a ``.release.json`` beside it) is verified
+    first and refused unless its signature and SHA-256 check out.
+    """
     import akida
 
     from common.errors import ModelError
+    from common.release import check_before_use
 
     file = _model_file(path)
     if not file.is_file():
@@ -43,6 +50,7 @@ def _load_akida(path: Path) -> akida.Model:
             f"no Akida model at {str(file)!r}",
             "pass the model.fbz that conversion wrote (or its folder) with --model",
         )
+    check_before_use(file, release_key)
     try:
         return akida.Model(str(file))
     except Exception as err:  # noqa: BLE001 - akida raises bare RuntimeError/ValueError
@@ -72,6 +80,7 @@ def map_command(
         ),
     ] = True,
     as_json: JsonOpt = False,
+    release_key: ReleaseKeyOpt = None,
 ) -> None:
     """Map an Akida model on a (virtual) device: passes, NPs used/available, program size."""
     from rich.table import Table
@@ -79,7 +88,7 @@ def map_command(
     from common.edge import map_model
     from qanafed.cli._common import console, print_json
 
-    report = map_model(_load_akida(model), device, hw_only=hw_only)
+    report = map_model(_load_akida(model, release_key), device, hw_only=hw_only)
     if as_json:
         print_json(report.to_dict())
         return
@@ -200,6 +209,7 @@ def learn_command(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the shot choice and order.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
     as_json: JsonOpt = False,
+    release_key: ReleaseKeyOpt = None,
 ) -> None:
     """Learn on-chip (Akida 1.0) from K shots per class and/or add a class never trained on.
 
@@ -227,7 +237,7 @@ def learn_command(
 
     started = time.perf_counter()
     check_out_dir(out, inputs={"--model": model, "--data": data}, force=force)
-    ak = _load_akida(model)
+    ak = _load_akida(model, release_key)
     if ak.learning is not None:
         raise ModelError(
             f"{str(_model_file(model))!r} already has a learned edge head",

@@ -12,6 +12,7 @@ import typer
 
 from common.log import ensure_log_output
 from qanafed.cli._common import console, print_json, stdout_to_stderr
+from qanafed.cli.release import ReleaseKeyOpt
 
 
 @contextmanager
@@ -194,9 +195,13 @@ def evaluate(
     strict: Annotated[
         bool, typer.Option(help="Stop at an unreadable image instead of skipping and counting it.")
     ] = False,
+    release_key: ReleaseKeyOpt = None,
 ) -> None:
     """Score a saved Akida model on any supported dataset (classes matched by name)."""
     from common.evaluate import evaluate_akida
+    from common.release import check_before_use
+
+    check_before_use(model, release_key)  # a released model is refused unless it verifies
     from common.loaders import load_dataset
     from common.metrics import headline
     from qanafed.cli._readable import describe, scoring_indices

@@ -12,6 +12,15 @@ from qanafed.cli._common import console, print_json
 app = typer.Typer(help="Rotate or revoke the coordinator's model release key (in KITS/).",
                   no_args_is_help=True)
 
+ReleaseKeyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--release-key", envvar="QANAFED_RELEASE_KEY",
+        help="Trusted release public key (a site kit's release.pub): refuse the model unless "
+        "its signed <model>.release.json verifies. Without it a model that has a manifest is "
+        "still verified (with its run's key).",
+    ),
+]
 KitsArg = Annotated[Path, typer.Argument(
     help="The KITS folder written by `qanafed provision` (holds coordinator/ and sites/).")]
 
