@@ -6,10 +6,12 @@ Layout written under ``KITS/`` (``out_dir``)::
     ca/ca.key                   the CA key (0600): the provisioner's secret, never in a kit
     ca/ca.crt
     coordinator/                ca.crt, server.crt, server.key (0600), metrics.key (0600),
-                                metrics.pub, site-keys/<site>.pub, coordinator.yaml,
+                                metrics.pub, release.key (0600), release.pub,
+                                site-keys/<site>.pub, coordinator.yaml,
                                 dashboard.token (0600), start.sh, stop.sh,
                                 qanafed-coordinator.service
     sites/<site>/               ca.crt, supernode.key (0600), supernode.pub, metrics.pub,
+                                release.pub (the root release key; see deploy.release_keys),
                                 site.yaml, start.sh, stop.sh, qanafed-site-<site>.service
 
 Re-running is incremental: the CA, the server certificate, the metrics key pair and every
