@@ -365,6 +365,15 @@ def _public_from(raw: bytes, where: Path) -> Ed25519PublicKey:
                             _RESTORE) from None
 
 
+def _signed(key: Ed25519PublicKey, signature: Any, value: Any, where: Path) -> bool:
+    """Whether ``signature`` (base64) is ``key``'s Ed25519 signature of ``canonical(value)``."""
+    try:
+        key.verify(_unb64(signature, "a signature", where), canonical_json(value))
+    except InvalidSignature:
+        return False
+    return True
+
+
 def _revoked_error(key_id: str, role: str, where: Path, source: Path) -> SecurityError:
     return SecurityError(
         f"{where} is {role} release key {key_id}, which is revoked ({source})",
@@ -400,13 +409,10 @@ def _trusted_signer(
                 "(--key), or ask the coordinator for its key chain (release-chain.json)",
             )
         body = {k: step.get(k) for k in ("key_id", "public_key", "previous", "created")}
-        try:
-            current.verify(_unb64(step.get("signature"), "rotation signature", where),
-                           canonical_json(body))
-        except InvalidSignature:
+        if not _signed(current, step.get("signature"), body, where):
             raise SecurityError(
                 f"{where}: the rotation from key {current_id} to {step.get('key_id')} is not "
-                f"signed by {current_id} (key chain tampered)", _RESTORE) from None
+                f"signed by {current_id} (key chain tampered)", _RESTORE)
         current = _public_from(_unb64(step.get("public_key"), "rotated key", where), where)
         current_id = release_key_id(current)
         if current_id != step.get("key_id"):
@@ -467,15 +473,12 @@ def verify_release(model: str | Path, public_key: str | Path | None = None) -> d
         raise SecurityError(f"{manifest_file} holds no manifest", _RESTORE)
     signer = _trusted_signer(document, root, read_chain(public_key.parent), revoked,
                              manifest_file, public_key.parent / REVOKED_FILE)
-    try:
-        signer.verify(_unb64(document.get("signature"), "signature", manifest_file),
-                      canonical_json(manifest))
-    except InvalidSignature:
+    if not _signed(signer, document.get("signature"), manifest, manifest_file):
         raise SecurityError(
             f"{manifest_file} was altered after it was signed (its signature by key "
             f"{release_key_id(signer)} does not match its content)",
             "do not use this model; copy model and manifest again from the coordinator",
-        ) from None
+        )
     if manifest.get("key_id") != release_key_id(signer):
         raise SecurityError(f"{manifest_file}: signed key id {manifest.get('key_id')} is not "
                             f"the signer {release_key_id(signer)}", _RESTORE)
