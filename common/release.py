@@ -491,7 +491,7 @@ def verify_release(model: str | Path, public_key: str | Path | None = None) -> d
             "the model file was changed or corrupted: copy it again from the coordinator (never "
             "run it as it is)",
         )
-    _log.info("verified release of %s (run %s, round %s, key %s)", model,
+    _log.debug("verified release of %s (run %s, round %s, key %s)", model,
               manifest.get("run_id"), manifest.get("round"), manifest.get("key_id"))
     return manifest
 

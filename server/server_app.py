@@ -113,7 +113,7 @@ def _sign_global_model(model: Path, key: Path, cfg: FedConfig, report: dict[str,
         return  # an unfinished run, or a float variant: no model to release
     sign_release(model, key, run_id=report["run_id"], round=final["step"], scenario=cfg.name,
                  variant=cfg.model.variant, sites=sorted(final.get("sites") or {}),
-                 server_hash=final.get("server_hash"), metrics=final.get("global") or {})
+                 metrics=final.get("global") or {})  # akida_hash: from the model's meta.json
 
 
 def make_server_app(

@@ -12,6 +12,7 @@ import pytest
 
 from common.fedconfig import parse_config
 from common.metrics_crypto import save_metrics_keypair
+from common.release import generate_release_keypair, verify_release
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +25,7 @@ def test_three_sites_reach_identical_akida_models_with_sealed_reports(tmp_path):
 
     keys = tmp_path / "keys"
     save_metrics_keypair(keys / "metrics.key", keys / "metrics.pub")
+    generate_release_keypair(keys / "release.key", keys / "release.pub")
     cfg = parse_config({
         "name": "e2e", "data": "synthetic:n=240,size=48,sites=3,seed=1",
         "partition": {"scheme": "natural", "sites": 3},
@@ -43,7 +45,8 @@ def test_three_sites_reach_identical_akida_models_with_sealed_reports(tmp_path):
 
     # Execute
     simulate(make_server_app({"scenario-config": cfg, "out-dir": str(out),
-                              "metrics-private-key": str(keys / "metrics.key")}),
+                              "metrics-private-key": str(keys / "metrics.key"),
+                              "release-private-key": str(keys / "release.key")}),
              client_app, num_sites=3, parallel=2)
 
     # Assert
@@ -115,6 +118,10 @@ def test_three_sites_reach_identical_akida_models_with_sealed_reports(tmp_path):
         assert set(final["sites"][site]["saliency"]) == {"images", "files", "stability"}
         assert len(json.dumps(final["sites"][site]["saliency"])) < 4000
     assert "## Saliency" in md
+    # The published global model is signed: its manifest names the run, round and hash
+    release = verify_release(out / "global_model.fbz", keys / "release.pub")
+    assert release["run_id"] == report["run_id"] and release["round"] == final["step"]
+    assert release["akida_hash"] == final["server_hash"] and release["sites"] == sorted(sites)
     model_bytes = max(r["bytes_sent"] for r in report["rounds"]) // 3
     for r in report["rounds"]:  # replies carry at most one model each, overlays never
         assert r["bytes_received"] <= 3 * model_bytes, r["phase"]
