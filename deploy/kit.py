@@ -258,6 +258,10 @@ def validate_site_kit(kit_dir: str | Path, *, check_data: bool = True) -> SiteKi
             f"put the site's data there, or set `data:` in {kit / SITE_YAML} to where it is",
         )
     fingerprint = ssh_fingerprint(read_public(public_key))
+    if (kit / "release.pub").exists():  # kits made before signed releases have none
+        from common.release import load_release_public_key
+
+        load_release_public_key(kit / "release.pub")
     _log.debug("site kit %s valid (site %s, key %s)", kit, config.site, fingerprint)
     return SiteKit(kit, config, ca_cert, private_key, public_key, metrics_public, data, fingerprint)
 
@@ -380,6 +384,10 @@ def validate_coordinator_kit(kit_dir: str | Path) -> CoordinatorKit:
             f"{kit / SITE_KEYS_DIR} holds keys of no admitted site: {', '.join(stray)}",
             f"remove them from {kit / SITE_KEYS_DIR}, or {_REPROVISION}",
         )
+    if (kit / "release.key").exists():  # checked now, not when a run ends and signs its model
+        from deploy.release_keys import check_release_pair
+
+        check_release_pair(kit)
     _log.debug("coordinator kit %s valid (%d sites, %d revoked)", kit, len(site_keys), len(revoked))
     return CoordinatorKit(
         kit, config, paths["ca_cert"], paths["server_cert"], paths["server_key"],

@@ -30,6 +30,7 @@ from common.release import (
 __all__ = [
     "RELEASE_KEY",
     "RELEASE_PUB",
+    "check_release_pair",
     "ensure_release_key",
     "revoke_in_kits",
     "rotate_in_kits",
@@ -67,11 +68,25 @@ def ensure_release_key(coord_dir: str | Path) -> tuple[str, str]:
             )
         public.unlink(missing_ok=True)  # a public key without its private key is useless
         return "created", generate_release_keypair(private, public)
+    return "reused", check_release_pair(coord)
+
+
+def check_release_pair(coord_dir: str | Path) -> str:
+    """Check ``release.key`` (0600, Ed25519) against ``release.pub``; return the key id.
+
+    Raises
+    ------
+    SecurityError
+        A loose or unreadable private key (``chmod 600 FILE``), or a public key of another key.
+    """
+    coord = Path(coord_dir)
+    private, public = coord / RELEASE_KEY, coord / RELEASE_PUB
     key = load_release_private_key(private)
     if load_release_public_key(public) != key.public_key():
         raise SecurityError(f"{public} is not the public key of {private}",
-                            f"delete {public}; re-running derives it from {private}")
-    return "reused", release_key_id(key.public_key())
+                            f"delete {public}; re-running `qanafed provision` derives it from "
+                            f"{private}")
+    return release_key_id(key.public_key())
 
 
 def site_release_files(coord_dir: str | Path) -> dict[str, bytes]:

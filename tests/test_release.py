@@ -242,3 +242,27 @@ def test_site_refuses_to_learn_from_a_tampered_or_unsigned_model(
                     "--release-key", str(pub))
     assert evaluate.returncode == 2 and "no signed release manifest" in evaluate.stderr
     assert not out.exists() and model.is_file()  # nothing saved is lost
+
+
+def test_coordinator_kit_with_a_loose_release_key_is_refused_at_start(tmp_path: Path) -> None:
+    """A run must not fail at its very end, when it signs: the kit check finds the key first."""
+    import yaml
+
+    from deploy.kit import validate_coordinator_kit, validate_site_kit
+    from deploy.provision import provision
+
+    (tmp_path / "data").mkdir()
+    project = tmp_path / "project.yaml"
+    project.write_text(yaml.safe_dump({"name": "demo", "coordinator": {"address": "localhost"},
+                                       "sites": [{"name": "a", "data": str(tmp_path / "data"),
+                                                  "device": "cpu"}]}))
+    kits = tmp_path / "kits"
+    provision(project, kits)
+    (kits / "coordinator" / "release.key").chmod(0o644)
+    with pytest.raises(SecurityError, match="mode 0644") as err:
+        validate_coordinator_kit(kits / "coordinator")
+    assert "chmod 600" in err.value.fix
+    (kits / "coordinator" / "release.key").chmod(0o600)
+    (kits / "sites" / "a" / "release.pub").write_text("not a key\n")
+    with pytest.raises(SecurityError, match="not a PEM public key"):
+        validate_site_kit(kits / "sites" / "a", check_data=False)
