@@ -43,6 +43,7 @@ from common.atomic import atomic_write_text
 from common.errors import SecurityError
 from common.keyfiles import read_private, read_public, write_private, write_public
 from common.log import get_logger
+from common.model_meta import read_meta
 
 __all__ = [
     "CHAIN_FILE",
@@ -320,8 +321,6 @@ def sign_release(model: str | Path, private_key: str | Path, **fields: Any) -> P
     Path
         The manifest file.
     """
-    from common.model_meta import read_meta
-
     model = Path(model)
     key = load_release_private_key(private_key)
     if not model.is_file():
