@@ -59,7 +59,7 @@ def _received(log: Path, message_type: str) -> bool:
 
 def test_deployment_on_loopback(tmp_path: Path) -> None:
     from deploy.coord import coord_paths, launch_run, wait_run
-    from deploy.ledger import Ledger
+    from deploy.ledger import Ledger, audit_ledger
     from deploy.process import kill_tree
     from deploy.provision import provision
     from deploy.site import site_paths
@@ -148,5 +148,8 @@ def test_deployment_on_loopback(tmp_path: Path) -> None:
     assert "a" in rounds[2] <= {"a", "b"}  # b is back only if round 2 ran again after resume
     assert rounds[3] == {"a", "b"}
     assert status_json["runs"][-1]["last-round"] == 3
+    # the ledger's hash chain holds across the coordinator crash, the resume and the redone round
+    audit = audit_ledger(cpaths.ledger, coord / "metrics.key")
+    assert audit.ok and audit.entries >= len(ledger.reports()), audit.reason
     assert status_json["revoked"] == ["c"]
     print("deployment e2e timings:", {k: round(v, 1) for k, v in timings.items()})
