@@ -616,3 +616,23 @@ def test_a_training_run_folder_shows_its_test_scores(tmp_path):
     for kind, s in scores.items():
         assert re.search(rf'data-model="{kind}">.*?data-score="balanced_accuracy">'
                          rf'{s["balanced_accuracy"]:.3f}<', page, re.S), kind
+
+
+def test_sites_page_shows_the_policy_a_site_told_at_hello(tmp_path):
+    report = _report()
+    policy = {"coordinators": ["ab12cd34"], "variants": ["qana-akd1000"], "max-rounds": 10,
+              "dp": {"required": True, "max-epsilon": 8.0}, "saliency-overlays": False,
+              "never-send": []}
+    report["sites"]["site-0"]["policy"] = policy
+    _one_run(tmp_path, report)
+    server = Served(create_app(DashboardConfig(runs_dir=tmp_path / "runs", token=TOKEN)))
+    try:
+        page = server.get("/sites", AUTH)[2].decode()
+        sites = json.loads(server.get("/api/sites", AUTH)[2])["sites"]
+    finally:
+        server.stop()
+    assert {s["site"]: s["policy"] for s in sites}["site-0"] == policy
+    row = re.search(r'<tr data-site="site-0">.*?</tr>', page, re.S).group(0)
+    for shown in ("<dt>max-rounds</dt><dd>10</dd>", "<dd>required: yes; max-epsilon: 8.000</dd>",
+                  "<dt>saliency-overlays</dt><dd>no</dd>", "<dt>never-send</dt><dd>none</dd>"):
+        assert shown in row, shown

@@ -88,7 +88,17 @@ def _templates() -> Any:
     env.filters["num"] = _num
     env.filters["age"] = run_files.age
     env.filters["when"] = _when
+    env.filters["plain"] = _plain
     return env
+
+
+def _plain(value: Any) -> str:
+    """Render a policy value: lists joined, mappings as ``key: value``, booleans as yes/no."""
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_plain(v)}" for k, v in value.items()) or "–"
+    if isinstance(value, list | tuple):
+        return ", ".join(_plain(v) for v in value) or "none"
+    return _num(value)
 
 
 def _num(value: Any, digits: int = 3) -> str:
