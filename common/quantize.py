@@ -161,7 +161,7 @@ def quantize_model(
         samples = check_images(calibration, model)
         kwargs.update(samples=samples, num_samples=len(samples),
                       batch_size=min(batch_size, len(samples)))
-    with akida_version(info):
+    with akida_version(info), _no_progress_bars():
         qmodel = quantize(model, q_config=q_config or None, qparams=quantization_params(info),
                           **kwargs)
     log.info("quantized %s for %s (%s-bit weights, %s-bit activations)", model.name, info.name,
@@ -192,3 +192,21 @@ def qat_compile(qmodel: keras.Model, lr: float = 1e-5, loss: Any = None) -> kera
         metrics=["accuracy"],
     )
     return qmodel
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Keep Keras' per-batch progress bars (quantizeml's calibration ``predict``) off stdout."""
+    from tf_keras.utils import (
+        disable_interactive_logging,
+        enable_interactive_logging,
+        is_interactive_logging_enabled,
+    )
+
+    was_on = is_interactive_logging_enabled()
+    disable_interactive_logging()
+    try:
+        yield
+    finally:
+        if was_on:
+            enable_interactive_logging()
