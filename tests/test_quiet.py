@@ -57,3 +57,45 @@ def test_filter_drops_native_lines_of_a_real_tensorflow_import_and_keeps_the_res
     assert "a child process's own line" in lines
     assert "python stderr line" in lines
     assert "fake_plugin.cc:9] a native start-up line" in sink.read_text()
+
+
+def test_sim_console_shows_a_live_rounds_by_sites_table(tmp_path, monkeypatch):
+    # The driver's progress events, as `qanafed sim` follows them, become one table row per
+    # round with each site's balanced accuracy and the global one.
+    import io
+    import threading
+    import time
+
+    from rich.console import Console
+
+    from common.progress import append_event
+    from qanafed.cli import sim as sim_cli
+
+    recorded = Console(file=io.StringIO(), width=120, record=True, force_terminal=True)
+    monkeypatch.setattr(sim_cli, "console", recorded)
+    path = tmp_path / "progress.jsonl"
+    path.touch()
+    stop = threading.Event()
+    follower = threading.Thread(target=sim_cli._follow, args=(path, stop, 2), daemon=True)
+    follower.start()
+    append_event(path, event="start", total=2, done=0)
+    append_event(path, event="sites", sites=["site-1", "site-0"])
+    append_event(path, event="round-end", step=1, phase="warmup", seconds=12.3, replies=2,
+                 dropped=0, summary={"test.balanced_accuracy": 0.4567},
+                 site_scores={"site-0": 0.5123, "site-1": 0.4012})
+    append_event(path, event="round-end", step=2, phase="qat", seconds=8.0, replies=1,
+                 dropped=1, summary={}, site_scores={"site-0": 0.6})
+    deadline = time.monotonic() + 20
+    while "2/2 rounds" not in recorded.export_text(clear=False):
+        assert time.monotonic() < deadline, recorded.export_text(clear=False)
+        time.sleep(0.2)
+    stop.set()
+    follower.join(timeout=5)
+    text = recorded.export_text()
+    text = text[text.rindex("┏"):]  # the last frame of the live table
+    rows = [line.replace("│", " ") for line in text.splitlines()
+            if "warmup" in line or " qat " in line]
+    assert "site-0" in text and "site-1" in text
+    assert rows[-2].split()[:6] == ["1", "warmup", "2", "0", "0.512", "0.401"]
+    assert "0.457" in rows[-2]
+    assert rows[-1].split()[:6] == ["2", "qat", "1", "1", "0.600", "-"]

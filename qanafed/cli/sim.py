@@ -78,8 +78,11 @@ def _checkpointed(out: Path) -> str:
         return "no round was complete yet"
 
 
-def _follow(path: Path, stop: threading.Event, total_hint: int) -> None:
-    """Show the driver's progress events (``progress.jsonl``) as a live rounds x sites table."""
+def _follow(path: Path, stop: threading.Event, total_hint: int, offset: int = 0) -> None:
+    """Show the driver's progress events (``progress.jsonl``) as a live rounds x sites table.
+
+    Events before byte ``offset`` (an earlier run's, on resume) are skipped.
+    """
     from rich.console import Group
     from rich.live import Live
     from rich.table import Table
@@ -87,7 +90,6 @@ def _follow(path: Path, stop: threading.Event, total_hint: int) -> None:
 
     from common.progress import read_events
 
-    offset = path.stat().st_size if path.exists() else 0
     state: dict = {"total": total_hint, "done": 0, "sites": [], "now": "waiting for sites",
                    "rows": []}
 
@@ -199,8 +201,10 @@ def sim(
                                   "release-private-key": str(release_key),
                                   "stop-event": interrupt})
     stop = threading.Event()
-    follower = threading.Thread(target=_follow, args=(out / "progress.jsonl", stop,
-                                                      len(plan(cfg))), daemon=True)
+    events = out / "progress.jsonl"
+    follower = threading.Thread(
+        target=_follow, daemon=True,
+        args=(events, stop, len(plan(cfg)), events.stat().st_size if events.exists() else 0))
     follower.start()
     parallel = parallel or max(1, min(cfg.partition.sites, os.cpu_count() or 1))
     start = time.monotonic()
