@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 # One TensorFlow thread pool of one thread per client process (must precede TF's import).
@@ -18,18 +17,16 @@ from typing import Any  # noqa: E402
 from flwr.app import Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
+from client.mods import dp_mod, make_policy_mod, site_policy  # noqa: E402
+from client.mods import scenario as _scenario  # noqa: E402
 from common import site  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
-from common.fedconfig import FedConfig, parse_config  # noqa: E402
+from common.fedconfig import FedConfig  # noqa: E402
 from common.log import get_logger  # noqa: E402
+from common.policy import redact  # noqa: E402
 from server import protocol as P  # noqa: E402
 
 log = get_logger("client")
-
-
-@lru_cache(maxsize=4)
-def _scenario(text: str) -> FedConfig:
-    return parse_config(json.loads(text), source="scenario from the server")
 
 
 @lru_cache(maxsize=4)
@@ -89,6 +86,7 @@ def _handle(
                                                                  "site-out-dir": out_dir})
     from common.metrics_crypto import encrypt_report
 
+    metrics = redact(metrics, site_policy(context.node_config, cfg, data.site_id))
     envelope = encrypt_report(
         metrics, _public_key(str(key_path)), run_id=str(config["run-id"]),
         round=int(config["server-round"]), site_id=data.site_id,
@@ -148,8 +146,12 @@ QANA_PHASES = SitePhases(_site, _hello, _warmup, _calibrate, _qat, _finalize)
 
 
 def make_client_app(phases: SitePhases = QANA_PHASES) -> ClientApp:
-    """Build the ClientApp: one handler per message type, each a thin call into ``phases``."""
-    client_app = ClientApp()
+    """Build the ClientApp: one handler per message type, each a thin call into ``phases``.
+
+    Mods: the site's policy is checked before any task, and under ``dp.enabled`` the weight
+    update is clipped and noised before it is sent (:mod:`client.mods`).
+    """
+    client_app = ClientApp(mods=[make_policy_mod(phases.load), dp_mod])
 
     @client_app.query("hello")
     def hello(message: Message, context: Context) -> Message:

@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -215,6 +222,48 @@ class SgtConfig(_Section):
     in_qat: bool = True
 
 
+class DpConfig(_Section):
+    """Differential privacy of each site's weight update (:mod:`common.dp`).
+
+    Parameters
+    ----------
+    enabled : bool (default: False)
+        Clip and noise every warm-up and QAT update on the site before it is sent.
+    clip : float (default: 1.0)
+        L2 bound ``C`` of a site's whole update (all exchanged arrays as one vector), > 0.
+    noise-multiplier : float (default: 1.0)
+        ``z``: Gaussian noise of standard deviation ``z * C`` per coordinate, > 0.
+    delta : float (default: 1e-5)
+        The δ of the reported (ε, δ), in (0, 1); pick it below 1 / (patients per site).
+    """
+
+    enabled: bool = False
+    clip: float = 1.0
+    noise_multiplier: float = 1.0
+    delta: float = 1e-5
+
+    @field_validator("clip", "noise_multiplier")
+    @classmethod
+    def _positive(cls, value: float, info) -> float:
+        if not value > 0:
+            key = _kebab(info.field_name)
+            raise ValueError(
+                f"dp.{key} must be > 0, got {value!r}; set e.g. dp.{key}: 1.0 (to train "
+                "without noise, set dp.enabled: false)"
+            )
+        return value
+
+    @field_validator("delta")
+    @classmethod
+    def _probability(cls, value: float) -> float:
+        if not 0 < value < 1:
+            raise ValueError(
+                f"dp.delta must be in (0, 1), got {value!r}; set e.g. dp.delta: 1e-5 "
+                "(below 1 / patients per site)"
+            )
+        return value
+
+
 class FedConfig(_Section):
     """A federated scenario: data, partition, model, phases, strategy, quorum and timeouts.
 
@@ -246,6 +295,11 @@ class FedConfig(_Section):
         Local training augmentation.
     pact, sgt
         PACT and saliency-guided local training, see :class:`PactConfig`, :class:`SgtConfig`.
+    dp
+        Differential privacy of the sites' updates, see :class:`DpConfig`.
+    site-policies : dict[str, dict] (default: {})
+        Simulation only: site id (or ``default``) → that site's policy
+        (:class:`common.policy.SitePolicy`); a deployed site reads its kit's ``policy.yaml``.
     explain-images : int (default: 4)
         In the final round each site writes saliency overlays (vanilla gradients and
         SmoothGrad, float and quantized global model) of this many of its own test images to
@@ -277,9 +331,20 @@ class FedConfig(_Section):
     edge: EdgeConfig = EdgeConfig()
     pact: PactConfig = PactConfig()
     sgt: SgtConfig = SgtConfig()
+    dp: DpConfig = DpConfig()
+    site_policies: dict[str, dict[str, Any]] = {}
     explain_images: int = Field(4, ge=0, le=64)
     metrics_key: str | None = None
     seed: int = 0
+
+    @field_validator("site_policies")
+    @classmethod
+    def _policies_valid(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from .policy import parse_policy
+
+        for site, raw in value.items():
+            parse_policy(raw, f"site-policies.{site}")
+        return value
 
     @model_validator(mode="after")
     def _quorum_fits(self) -> FedConfig:

@@ -253,6 +253,8 @@ class FederatedRun:
         result = run_round(self.grid, contents, P.HELLO, timeout, self.cfg.quorum.min_replies,
                            label=self._label, what="hello",
                            timeout_key="timeouts.connect (hello waits for it)", stop=self.stop)
+        # Sites that refused (their policy) or failed at hello take no part: say why in the report.
+        state["hello-dropped"] = {self._label(n): why for n, why in result.failures.items()}
         claims = {node: str(msg.content.config_records[P.REPORT][P.SITE_ID])
                   for node, msg in result.replies.items()}
         admitted, refused = bind_sites(claims, self.registered)
@@ -385,6 +387,7 @@ class FederatedRun:
             "bytes_sent": sent,
             "bytes_received": received,
             "sites": reports,
+            "replied": sorted(self._label(n) for n in result.replies),  # privacy accounting
             "dropped": {self._label(n): why for n, why in result.failures.items()},
             "global": global_summary(reports),
         }

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .privacy import privacy_markdown, privacy_summary
+
 SCORES = ("accuracy", "balanced_accuracy", "macro_f1")
 #: Evaluation blocks a site may report, in report order.
 BLOCKS = ("test", "akida", "akida_after_edge")
@@ -90,11 +92,13 @@ def build_report(state: Mapping[str, Any], wall_seconds: float | None = None) ->
         "scenario": state.get("scenario"),
         "complete": final is not None,
         "sites": state.get("sites", {}),
+        "hello_dropped": state.get("hello-dropped", {}),
         "rounds": state.get("rounds", []),
         "final": final,
         "phase_seconds": state.get("phase-seconds", {}),
         "wall_seconds": wall_seconds,
         "saliency": saliency_summary(final),
+        "privacy": privacy_summary(state),
     }
 
 
@@ -118,6 +122,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     if new_class:
         lines += [f"Class `{new_class}` is held out of federated training: the rounds score the "
                   "other classes; the final Akida scores are on every local test image.", ""]
+    for node, why in sorted((report.get("hello_dropped") or {}).items()):
+        lines += [f"Left out at hello: {node}: {why}", ""]
     lines += ["## Rounds", "",
               "Test loss, balanced accuracy and macro F1 on each site's local test split; "
               "global = example-weighted mean over sites.", "",
@@ -173,6 +179,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                              f" | {part('after', 'new', 'accuracy')} | "
                              f"{part('before', 'old', 'balanced_accuracy')} | "
                              f"{part('after', 'old', 'balanced_accuracy')} |")
+    lines += privacy_markdown(report.get("privacy") or {})
     lines += _saliency_markdown(report.get("saliency") or {})
     return "\n".join(lines) + "\n"
 

@@ -97,6 +97,12 @@ def run_server(
     state = run.run()
     report = build_report(state, wall_seconds=round(time.monotonic() - start, 1))
     write_report(out_dir, report)
+    if ledger:
+        from .driver import plan
+        from .privacy import ledger_rows
+
+        for row in ledger_rows(report, len(plan(cfg)) + 1):
+            receiver.ledger.record(**row)
     log.info("report written to %s", out_dir / "report.json")
     release_key = _setting(settings, "release-private-key")
     if release_key:
