@@ -7,8 +7,8 @@ right after provisioning. Every problem is refused with a message naming the fil
 * a private key group/other can read → :class:`SecurityError` with ``chmod 600 FILE``;
 * a server certificate not issued by the kit's CA, or not covering the coordinator address →
   :class:`SecurityError` naming the certificate file and the host;
-* ``site.yaml`` / ``coordinator.yaml`` with an unknown field → :class:`ConfigError` naming the
-  field and the allowed ones;
+* ``site.yaml`` / ``coordinator.yaml`` / ``policy.yaml`` with an unknown field →
+  :class:`ConfigError` naming the file, the field and the allowed ones;
 * a site data path that does not exist → :class:`DataError` naming the path (optional check);
 * a key that does not load the way flwr 1.41 loads it, or a public key that does not match its
   private key → :class:`SecurityError`.
@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from common.errors import ConfigError, DataError, SecurityError
 from common.keyfiles import read_private, read_public
 from common.log import get_logger
+from common.policy import POLICY_FILE, load_policy
 from deploy.project import (
     CoordinatorConfig,
     RevokedKey,
@@ -164,6 +165,8 @@ class SiteKit:
         The site's data path (resolved; relative paths are taken from the kit folder).
     fingerprint : str
         ``SHA256:...`` of the SuperNode public key (its identity at the SuperLink).
+    policy : Path | None
+        The site's ``policy.yaml`` (validated; None in a kit provisioned before policies).
     """
 
     dir: Path
@@ -174,6 +177,7 @@ class SiteKit:
     metrics_public_key: Path
     data: Path
     fingerprint: str
+    policy: Path | None = None
 
     @property
     def site_id(self) -> str:
@@ -186,18 +190,22 @@ class SiteKit:
         return self.config.superlink
 
     def node_config(self) -> dict[str, str]:
-        """Return the node config (site-id, data-path, metrics-public-key, device, out-dir).
+        """Return the node config: site-id, data-path, metrics-public-key, device, out-dir.
 
         ``out-dir`` (``<kit>/out``) is where the site keeps what never leaves it, such as the
-        saliency overlays of its own images.
+        saliency overlays of its own images. ``policy-file`` (the kit's ``policy.yaml``) is
+        added when the kit has one.
         """
-        return {
+        config = {
             "site-id": self.config.site,
             "data-path": str(self.data),
             "metrics-public-key": str(self.metrics_public_key),
             "device": self.config.device,
             "out-dir": str(self.dir / "out"),
         }
+        if self.policy is not None:  # checked by the ClientApp before every task
+            config["policy-file"] = str(self.policy)
+        return config
 
 
 def validate_site_kit(kit_dir: str | Path, *, check_data: bool = True) -> SiteKit:
@@ -262,8 +270,15 @@ def validate_site_kit(kit_dir: str | Path, *, check_data: bool = True) -> SiteKi
         from common.release import load_release_public_key
 
         load_release_public_key(kit / "release.pub")
+    policy = kit / POLICY_FILE
+    if policy.exists():
+        load_policy(policy)  # an unknown or bad field is refused here, naming the file
+    else:
+        _log.warning("site kit %s has no %s: every task will run (%s)", kit, POLICY_FILE,
+                     _REPROVISION)
     _log.debug("site kit %s valid (site %s, key %s)", kit, config.site, fingerprint)
-    return SiteKit(kit, config, ca_cert, private_key, public_key, metrics_public, data, fingerprint)
+    return SiteKit(kit, config, ca_cert, private_key, public_key, metrics_public, data, fingerprint,
+                   policy if policy.exists() else None)
 
 
 # ----------------------------------------------------------------------------- coordinator kit

@@ -45,6 +45,7 @@ from common.metrics_crypto import (
     load_metrics_public_key,
     save_metrics_keypair,
 )
+from common.policy import POLICY_FILE, default_policy
 from common.release import release_key_ids
 from deploy import pki
 from deploy.dashboard.access import TOKEN_FILE as DASHBOARD_TOKEN
@@ -152,6 +153,17 @@ class ProvisionResult:
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+
+#: Header of the default ``policy.yaml`` of a site kit (:mod:`common.policy`).
+_POLICY_HEADER = (
+    "# This site's policy, checked before every task; a task outside it is refused and the\n"
+    "# coordinator is told why. Written once by `qanafed provision` (never overwritten):\n"
+    "# edit it here. coordinators: key ids of the coordinator metrics keys this site reports\n"
+    "# to. never-send: any of weight-updates, calibration-ranges, class-counts,\n"
+    "# confusion-matrices, per-class-metrics, saliency-summary. dp.max-epsilon: the most\n"
+    "# (epsilon, delta) a run may spend on this site's updates (null: no limit).\n"
+)
 
 
 def _put(path: Path, data: bytes, mode: int = 0o644) -> str:
@@ -437,6 +449,10 @@ class _Provisioner:
             _put(kit / "stop.sh", _template("site-stop.sh", **values), _SCRIPT_MODE),
             _put(kit / f"qanafed-site-{site}.service", _template("site.service", **values)),
         ]
+        if not (kit / POLICY_FILE).exists():  # the site's own document: never overwritten
+            coordinator_id = key_id(serialization.load_pem_public_key(metrics_pem))
+            actions.append(_put(kit / POLICY_FILE, _yaml(_POLICY_HEADER, default_policy(
+                [coordinator_id]))))
         self.note(site, "site kit", _merge(actions, existed), kit)
 
     def coordinator_kit(
