@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError, QanafedError
 from .fedconfig import VARIANTS
+from .fedconfig import _describe as describe_errors
 
 if TYPE_CHECKING:
     from .fedconfig import FedConfig
@@ -132,19 +133,6 @@ class PolicyRefusal(QanafedError, PermissionError):
     """A task is outside the site's policy."""
 
 
-def _describe(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        received = e.get("input")
-        shown = "" if isinstance(received, dict) else f" (received {received!r})"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown field {where!r}{shown}")
-        else:
-            lines.append(f"{source}: {where}: {e['msg']}{shown}")
-    return "\n".join(lines)
-
-
 def parse_policy(raw: Any, source: str = POLICY_FILE) -> SitePolicy:
     """Validate a policy given as a dict.
 
@@ -162,7 +150,7 @@ def parse_policy(raw: Any, source: str = POLICY_FILE) -> SitePolicy:
         return SitePolicy.model_validate(dict(raw))
     except ValidationError as err:
         raise ConfigError(
-            _describe(err, source),
+            describe_errors(err, source),
             "fix or remove those fields; allowed: "
             + ", ".join(_kebab(k) for k in SitePolicy.model_fields)
             + f" (dp: {', '.join(_kebab(k) for k in DpRequirement.model_fields)}); never-send "

@@ -101,16 +101,19 @@ def test_bad_dp_settings_are_refused_naming_the_value_and_the_fix(dp, named):
 @pytest.mark.slow
 def test_a_tiny_dp_simulation_reports_epsilon_per_site_and_sends_clipped_updates(tmp_path):
     # Prepare: the driver tests' toy sites (numpy 'model', real Flower simulation), DP on
-    from common.checkpoint import load_latest
     from test_fed_driver import _run, _scenario
+
+    from common.checkpoint import load_latest
 
     clip, z = 1e-3, 1.0
     cfg = _scenario(tmp_path, strategy={"name": "fedavg"}, rounds={"warmup": 2, "qat": 1},
                     dp={"enabled": True, "clip": clip, "noise-multiplier": z, "delta": 1e-4})
     out = tmp_path / "out"
 
+    ledger = tmp_path / "ledger.sqlite"
+
     # Execute
-    _run(cfg, out, tmp_path / "keys")
+    _run(cfg, out, tmp_path / "keys", ledger=str(ledger))
 
     # Assert: ε per site from dp-accounting for the 3 training rounds each took part in
     report = json.loads((out / "report.json").read_text())
@@ -120,6 +123,12 @@ def test_a_tiny_dp_simulation_reports_epsilon_per_site_and_sends_clipped_updates
     assert set(privacy["sites"]) == {"site-0", "site-1", "site-2"}
     for spent in privacy["sites"].values():
         assert spent == {"rounds": 3, "epsilon": pytest.approx(expected), "delta": 1e-4}
+    from deploy.ledger import Ledger
+
+    rows = [r for r in Ledger(ledger).reports(report["run_id"]) if r["phase"] == "privacy"]
+    assert [(r["site"], r["round"]) for r in rows] == [(f"site-{i}", 6) for i in range(3)]
+    assert rows[0]["metrics"]["epsilon"] == pytest.approx(expected)
+    assert rows[0]["metrics"]["rounds"] == 3 and rows[0]["metrics"]["delta"] == 1e-4
     md = (out / "report.md").read_text()
     assert "## Differential privacy" in md and f"| site-1 | 3 | {expected:.3g} | 0.0001 |" in md
     # The toy sites move each weight by ~0.1 per round; clipped to 1e-3 (+ noise of std 1e-3)

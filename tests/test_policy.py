@@ -64,7 +64,7 @@ def test_policy_yaml_with_an_unknown_field_is_refused_naming_file_field_and_fix(
     with pytest.raises(ConfigError) as err:
         validate_site_kit(out / "sites" / "a")
     text = str(err.value)
-    assert f"{path}: unknown field 'allow-images' (received True)" in text
+    assert f"{path}: allow-images: Extra inputs are not permitted (received True)" in text
     assert "Fix: fix or remove those fields; allowed: coordinators, variants, phases" in text
 
 
