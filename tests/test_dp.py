@@ -135,3 +135,26 @@ def test_a_tiny_dp_simulation_reports_epsilon_per_site_and_sends_clipped_updates
     # the global weights stay within a few thousandths of their start.
     w = load_latest(out / "checkpoints").arrays["w"]
     assert 0 < float(np.max(np.abs(w))) < 0.02, w
+
+
+def test_a_site_is_charged_for_rounds_it_replied_or_timed_out_in_not_for_refusals():
+    # Prepare
+    from server.privacy import privacy_summary
+
+    dropped = {"site-1": "no reply within 60 s", "site-2": "error reply: site site-2 refuses"}
+    state = {"scenario": {"dp": {"enabled": True, "clip": 1.0, "noise-multiplier": 2.0,
+                                 "delta": 1e-5}},
+             "sites": {"site-0": {}, "site-1": {}, "site-2": {}},
+             "rounds": [{"phase": "warmup", "replied": ["site-0", "site-1", "site-2"],
+                         "dropped": {}},
+                        {"phase": "warmup", "replied": ["site-0"], "dropped": dropped},
+                        {"phase": "calibrate", "replied": ["site-0"], "dropped": {}},
+                        {"phase": "finalize", "replied": ["site-0"], "dropped": {}}]}
+
+    # Execute
+    sites = privacy_summary(state)["sites"]
+
+    # Assert: a late reply may still have left the site; an error reply sent no update
+    assert {s: v["rounds"] for s, v in sites.items()} == {"site-0": 2, "site-1": 2, "site-2": 1}
+    assert sites["site-2"]["epsilon"] == pytest.approx(epsilon_spent(2.0, 1, 1e-5))
+    assert sites["site-0"]["epsilon"] > sites["site-2"]["epsilon"]
