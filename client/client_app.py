@@ -86,7 +86,10 @@ def _handle(
                                                                  "site-out-dir": out_dir})
     from common.metrics_crypto import encrypt_report
 
-    metrics = redact(metrics, site_policy(context.node_config, cfg, data.site_id))
+    policy = site_policy(context.node_config, cfg, data.site_id)
+    metrics = redact(metrics, policy)
+    if policy is not None and config["phase"] == "hello":  # the coordinator learns the rules
+        metrics["policy"] = policy.model_dump(by_alias=True, mode="json")
     envelope = encrypt_report(
         metrics, _public_key(str(key_path)), run_id=str(config["run-id"]),
         round=int(config["server-round"]), site_id=data.site_id,

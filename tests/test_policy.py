@@ -128,5 +128,6 @@ def test_a_policy_refusal_reaches_the_coordinator_in_a_simulation(tmp_path):
     assert "site site-2 refuses by its policy: differential privacy is required" in why
     assert "Fix: set dp.enabled: true" in why
     assert set(report["sites"]) == {"site-0", "site-1"}
+    assert report["sites"]["site-0"]["policy"]["max-rounds"] == 10  # told at hello
     assert all(set(r["replied"]) == {"site-0", "site-1"} for r in report["rounds"])
     assert "site site-2 refuses by its policy" in (out / "report.md").read_text()
