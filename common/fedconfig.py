@@ -9,7 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg",
+              "krum")
+#: Server learning rate of each server-optimizer strategy when ``strategy.server-lr`` is unset.
+SERVER_LR_DEFAULTS = {"fedadam": 3e-2, "fedyogi": 3e-2, "fedavgm": 0.1}
 VARIANTS = ("qana-akd1000", "qana-akida2", "qana-float", "akidanet-akd1000")
 SCHEMES = ("natural", "iid", "dirichlet")
 
@@ -87,27 +90,49 @@ class RoundsConfig(_Section):
 
 
 class StrategyConfig(_Section):
-    """Server-side aggregation strategy.
+    """Server-side aggregation strategy (Flower's message-based strategies).
 
     Parameters
     ----------
     name : str (default: "fedavg")
-        ``fedavg``, ``fedprox`` or ``fedadam`` (Flower's message-based strategies).
+        ``fedavg``, ``fedprox``, ``fedadam``, ``fedyogi``, ``fedavgm`` (server momentum), or
+        the robust rules ``fedmedian``, ``fedtrimmedavg``, ``krum``.
     proximal-mu : float (default: 0.0)
         FedProx proximal term weight, applied in each site's local loss.
-    server-lr : float (default: 0.03)
-        FedAdam server learning rate (eta).
+    server-lr : float | None (default: None)
+        Server learning rate (FedAdam/FedYogi ``eta``, FedAvgM ``server_learning_rate``).
+        None: the strategy's default, :data:`SERVER_LR_DEFAULTS` (see
+        :func:`server.strategies.make_strategy` for why).
     server-lr-local : float (default: 1.0)
-        FedAdam ``eta_l`` (client learning rate seen by the server update).
+        FedAdam/FedYogi ``eta_l`` (client learning rate seen by the server update).
     tau : float (default: 1e-3)
-        FedAdam adaptivity.
+        FedAdam/FedYogi adaptivity.
+    server-momentum : float (default: 0.9)
+        FedAvgM server momentum, in [0, 1).
+    trim-beta : float (default: 0.2)
+        FedTrimmedAvg: fraction of replies cut from each tail, per coordinate, in [0, 0.5).
+    num-malicious : int (default: 0)
+        Krum: number of sites assumed malicious (``f``); a site is scored by its distance
+        to its ``n - f - 2`` nearest replies.
     """
 
-    name: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
-    proximal_mu: float = Field(0.0, ge=0)
-    server_lr: float = Field(3e-2, gt=0)
-    server_lr_local: float = Field(1.0, gt=0)
-    tau: float = Field(1e-3, gt=0)
+    name: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian",
+                  "fedtrimmedavg", "krum"] = "fedavg"
+    proximal_mu: float = Field(0.0, ge=0, description="a weight >= 0, e.g. 0.01")
+    server_lr: float | None = Field(None, gt=0, description="a learning rate > 0, e.g. 0.03")
+    server_lr_local: float = Field(1.0, gt=0, description="a learning rate > 0, e.g. 1.0")
+    tau: float = Field(1e-3, gt=0, description="a small positive number, e.g. 0.001")
+    server_momentum: float = Field(0.9, ge=0, lt=1,
+                                   description="a momentum in [0, 1), e.g. 0.9")
+    trim_beta: float = Field(0.2, ge=0, lt=0.5,
+                             description="a fraction in [0, 0.5), e.g. 0.25 for 4 sites")
+    num_malicious: int = Field(0, ge=0, description="a count of sites >= 0, e.g. 1")
+
+    @property
+    def effective_server_lr(self) -> float:
+        """``server-lr``, or the strategy's default when unset."""
+        return self.server_lr if self.server_lr is not None else SERVER_LR_DEFAULTS.get(
+            self.name, 1.0)
 
     @model_validator(mode="after")
     def _fedprox_needs_mu(self) -> StrategyConfig:
@@ -117,6 +142,26 @@ class StrategyConfig(_Section):
                 "set e.g. proximal-mu: 0.01"
             )
         return self
+
+
+class GuardConfig(_Section):
+    """Checks every site's reply before it is aggregated (:func:`common.aggregate.screen`).
+
+    A reply with NaN/Inf, unknown or missing keys, wrong shapes, or (training rounds) an
+    update norm above ``max-norm-ratio`` times the median norm of the other replies is
+    dropped with its reason in the log and the report; the round goes on with the quorum.
+
+    Parameters
+    ----------
+    max-norm-ratio : float | None (default: 10.0)
+        Bound on a site's update norm (L2 over its trained weights, ``reply - global``)
+        relative to the median of the other sites' update norms; None turns the norm check
+        off (NaN/Inf and shape checks always run). Not 5: an honest large site takes more
+        local steps per epoch than a small one, so its update is larger (unmeasured here).
+    """
+
+    max_norm_ratio: float | None = Field(10.0, gt=1, description="a ratio > 1, e.g. 10, "
+                                         "or null to turn the norm check off")
 
 
 class QuorumConfig(_Section):
@@ -266,7 +311,7 @@ class FedConfig(_Section):
         Scenario name, used in reports.
     data : str
         Data set spec (a path, or ``synthetic:n=600,size=32,sites=3,seed=0``).
-    partition, model, rounds, strategy, quorum, timeouts, edge
+    partition, model, rounds, strategy, guard, quorum, timeouts, edge
         Sections, see their classes.
     local-epochs : int (default: 1)
         Local epochs per warm-up round (cheap float epochs).
@@ -317,6 +362,7 @@ class FedConfig(_Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     calibration_samples: int = Field(256, ge=1)
     strategy: StrategyConfig = StrategyConfig()
+    guard: GuardConfig = GuardConfig()
     quorum: QuorumConfig = QuorumConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
     balance: Literal["none", "oversample", "smote"] = "none"
@@ -348,6 +394,22 @@ class FedConfig(_Section):
                 f"{self.quorum.min_replies} exceed partition.sites={sites}; lower the quorum "
                 "or add sites"
             )
+        st = self.strategy
+        if st.name == "fedtrimmedavg" and int(st.trim_beta * self.quorum.min_replies) < 1:
+            need = 1 / self.quorum.min_replies
+            fix = (f"set trim-beta >= {need:.3g} (and < 0.5)" if need < 0.5 else
+                   "raise quorum.min-replies to 3 or more")
+            raise ValueError(
+                f"strategy fedtrimmedavg with trim-beta={st.trim_beta} trims nothing when "
+                f"{self.quorum.min_replies} sites reply (it cuts int(trim-beta x replies) per "
+                f"tail); {fix}, or use fedmedian"
+            )
+        if st.name == "krum" and st.num_malicious >= self.quorum.min_replies - 2 > 0:
+            raise ValueError(
+                f"strategy krum with num-malicious={st.num_malicious} leaves no honest "
+                f"neighbour to score against when {self.quorum.min_replies} sites reply; "
+                f"set num-malicious <= {self.quorum.min_replies - 3} or raise quorum.min-replies"
+            )
         if self.quorum.min_replies > self.quorum.min_sites:
             raise ValueError(
                 f"quorum min-replies={self.quorum.min_replies} > min-sites="
@@ -360,13 +422,30 @@ class FedConfig(_Section):
         return self.model_dump(by_alias=True, mode="json")
 
 
+def _expected(loc: tuple) -> str | None:
+    """Return the ``description`` (what a valid value looks like) of the field at ``loc``."""
+    model: Any = FedConfig
+    info = None
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if not fields:
+            return None
+        info = next((f for n, f in fields.items() if part in (n, f.alias)), None)
+        if info is None:
+            return None
+        model = info.annotation
+    return info.description if info is not None else None
+
+
 def _describe(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         received = e.get("input")
         shown = "" if isinstance(received, dict) else f" (received {received!r})"
-        lines.append(f"{source}: {where}: {e['msg']}{shown}")
+        hint = _expected(tuple(e["loc"]))
+        lines.append(f"{source}: {where}: {e['msg']}{shown}" + (f"; expected {hint}" if hint
+                                                                  else ""))
     return "\n".join(lines)
 
 

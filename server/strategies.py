@@ -6,27 +6,57 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+)
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from common.errors import ConfigError
-from common.fedconfig import StrategyConfig
-from common.weights import is_statistic
+from common.fedconfig import STRATEGIES, StrategyConfig
+from common.weights import BN_STATS, QUANTIZER, TRAINABLE, is_statistic
 
 from .protocol import ARRAYS, CONFIG, NUM_EXAMPLES, from_record, unpack_replies
 
 #: Checkpoint group holding the server optimizer's step count (see :func:`strategy_state`).
 STEPS_GROUP = "server-opt"
+#: Checkpoint group holding FedAvgM's momentum, by key.
+MOMENTUM_GROUP = "momentum"
+
+#: How each strategy combines each variable group a site sends (:mod:`common.weights`), for
+#: docs, reports and tests. Trainable weights include PACT's α in the warm-up rounds (an
+#: ordinary weight there). Quantizer state never reaches a strategy: sites send it only at
+#: calibration, where :func:`common.aggregate.combine_ranges` combines it (per-channel max),
+#: and the guard refuses it in training rounds; the baked α is kept by the server after
+#: calibration and refused in replies too (:func:`server.driver.expected_keys`).
+ROLES: dict[str, dict[str, str]] = {
+    **{name: {TRAINABLE: "weighted mean", BN_STATS: "weighted mean"}
+       for name in ("fedavg", "fedprox")},
+    **{name: {TRAINABLE: f"{name} server step from the weighted mean",
+              BN_STATS: "weighted mean"} for name in ("fedadam", "fedyogi", "fedavgm")},
+    "fedmedian": {TRAINABLE: "coordinate-wise median", BN_STATS: "coordinate-wise median"},
+    "fedtrimmedavg": {TRAINABLE: "coordinate-wise trimmed mean",
+                      BN_STATS: "coordinate-wise trimmed mean"},
+    "krum": {TRAINABLE: "the Krum-selected reply", BN_STATS: "the Krum-selected reply"},
+}
+ROLES = {name: {**roles, QUANTIZER: "not aggregated (calibration: per-channel max)"}
+         for name, roles in ROLES.items()}
 
 
-class StatisticsAveraged(FedOpt):
-    """A FedOpt whose server optimizer sees only the keys of ``current_arrays``.
+class StatisticsAveraged(FedAvg):
+    """A server optimizer that sees only the keys of ``current_arrays``.
 
     ``aggregate_train`` first takes Flower's example-weighted mean of every replied array
     (FedAvg); the keys absent from ``current_arrays`` (statistics: BatchNormalization moving
-    mean/variance, quantizer state) keep that mean, in :attr:`statistics`; only the others go
-    on to the optimizer step of the subclass (FedAdam ...), which receives them through
+    mean/variance) keep that mean, in :attr:`statistics`; only the others go on to the
+    optimizer step of the subclass (FedAdam, FedYogi, FedAvgM), which receives them through
     ``super().aggregate_train``. :attr:`steps` counts optimizer steps since the last reset,
     for Adam's bias correction.
     """
@@ -41,11 +71,11 @@ class StatisticsAveraged(FedOpt):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Weighted mean of all replied arrays; return the optimized keys, keep the others."""
         arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is None or self.current_arrays is None:
+        current = getattr(self, "current_arrays", None)
+        if arrays is None or current is None:
             return arrays, metrics
-        self.statistics = {k: v.numpy() for k, v in arrays.items()
-                           if k not in self.current_arrays}
-        return ArrayRecord({k: v for k, v in arrays.items() if k in self.current_arrays}), metrics
+        self.statistics = {k: v.numpy() for k, v in arrays.items() if k not in current}
+        return ArrayRecord({k: v for k, v in arrays.items() if k in current}), metrics
 
 
 class ServerAdam(FedAdam, StatisticsAveraged):
@@ -61,10 +91,45 @@ class ServerAdam(FedAdam, StatisticsAveraged):
     """
 
 
+class ServerYogi(FedYogi, StatisticsAveraged):
+    """Flower's FedYogi (Reddi et al., arXiv 2003.00295) on trainable weights only, as FedAdam.
+
+    Yogi's second moment moves additively, ``v -= (1 - beta_2) delta^2 sign(v - delta^2)``,
+    and Flower applies no bias correction: the first step is about ``eta`` per coordinate.
+    """
+
+
+class ServerAvgM(FedAvgM, StatisticsAveraged):
+    """Flower's FedAvgM (Hsu et al., arXiv 1909.06335) on trainable weights only.
+
+    Flower's rule (PyTorch SGD convention): pseudo-gradient ``g = x - mean``, momentum
+    ``m = beta m + g`` (``m = g`` in the first step), ``x -= server_lr * m``. Flower keeps
+    ``m`` as a list in key order; :attr:`momentum` keeps it by key, so a checkpoint restores
+    it whatever order the next replies list their keys in.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.momentum: dict[str, np.ndarray] | None = None
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's FedAvgM step, with the momentum carried by key."""
+        keys = list(self.current_arrays.keys()) if self.current_arrays is not None else []
+        self.momentum_vector = ([self.momentum[k] for k in keys] if self.momentum else None)
+        out = super().aggregate_train(server_round, replies)
+        if self.momentum_vector is not None:
+            self.momentum = dict(zip(keys, self.momentum_vector, strict=True))
+        return out
+
+
 def make_strategy(cfg: StrategyConfig) -> FedAvg:
     """Build the configured Flower strategy (aggregation weighted by ``num-examples``).
 
-    Sampling/``configure_*`` are never used: our driver picks sites with bounded waits.
+    Sampling/``configure_*`` are never used: our driver picks sites with bounded waits, and
+    :func:`aggregate` hands the strategy the global arrays ``configure_train`` would have.
+    What each strategy does to which variables: :data:`ROLES`.
 
     FedAdam is :class:`ServerAdam` with Flower's ``beta_1`` 0.9 and ``beta_2`` 0.99 (Reddi et
     al.), ``eta = cfg.server_lr`` and ``tau = cfg.tau``. Adam's server step is about
@@ -77,11 +142,18 @@ def make_strategy(cfg: StrategyConfig) -> FedAvg:
     after 3 rounds, balanced accuracy (weights moved, RMS): FedAvg 0.31 (0.025); eta 0.01 0.16
     (0.007, too slow); **eta 0.03 0.26 (0.021)**; eta 0.05 0.19; eta 0.1 0.15; eta 0.03 with
     tau 1e-4 (more sign-like) 0.15. Hence eta 0.03 and tau 1e-3: ``tau`` keeps the weights the
-    sites barely moved from getting full ``eta`` steps. (StrategyConfig's default server-lr
-    0.01 is ~3× too small for this model.) A QAT epoch at 3e-4 moves the weights by ~0.006
-    RMS; a 0.03 sign-like step stays well under a 4-bit quantization bin (~0.1–0.2 here).
-    Bias correction counts the optimizer's own steps since its last reset (calibration
+    sites barely moved from getting full ``eta`` steps. A QAT epoch at 3e-4 moves the weights
+    by ~0.006 RMS; a 0.03 sign-like step stays well under a 4-bit quantization bin (~0.1–0.2
+    here). Bias correction counts the optimizer's own steps since its last reset (calibration
     restarts it), not the run's round number.
+
+    FedYogi (:class:`ServerYogi`) takes the same ``eta``/``tau`` (its steps are the same size;
+    not tuned separately). FedAvgM (:class:`ServerAvgM`) defaults to server-lr 0.1 with
+    momentum 0.9: an effective step ``lr / (1 - beta)`` of one FedAvg step, where Hsu et al.
+    found FedAvgM best. FedMedian, FedTrimmedAvg (``beta = trim-beta``) and Krum
+    (``num_malicious_nodes = num-malicious``) are Flower's classes unchanged: they combine
+    every replied array, statistics included (a median or trimmed mean of variances stays
+    positive; Krum returns one site's arrays).
 
     Raises
     ------
@@ -90,14 +162,25 @@ def make_strategy(cfg: StrategyConfig) -> FedAvg:
     """
     common = dict(weighted_by_key=NUM_EXAMPLES, arrayrecord_key=ARRAYS, configrecord_key=CONFIG,
                   min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1)
+    lr = cfg.effective_server_lr
     if cfg.name == "fedavg":
         return FedAvg(**common)
     if cfg.name == "fedprox":
         return FedProx(proximal_mu=cfg.proximal_mu, **common)
-    if cfg.name == "fedadam":
-        return ServerAdam(eta=cfg.server_lr, eta_l=cfg.server_lr_local, tau=cfg.tau,
-                          beta_1=0.9, beta_2=0.99, **common)
-    raise ConfigError(f"unknown strategy {cfg.name!r}", "use fedavg, fedprox or fedadam")
+    if cfg.name in ("fedadam", "fedyogi"):
+        cls = ServerAdam if cfg.name == "fedadam" else ServerYogi
+        return cls(eta=lr, eta_l=cfg.server_lr_local, tau=cfg.tau, beta_1=0.9, beta_2=0.99,
+                   **common)
+    if cfg.name == "fedavgm":
+        return ServerAvgM(server_learning_rate=lr, server_momentum=cfg.server_momentum,
+                          **common)
+    if cfg.name == "fedmedian":
+        return FedMedian(**common)
+    if cfg.name == "fedtrimmedavg":
+        return FedTrimmedAvg(beta=cfg.trim_beta, **common)
+    if cfg.name == "krum":
+        return Krum(num_malicious_nodes=cfg.num_malicious, **common)
+    raise ConfigError(f"unknown strategy {cfg.name!r}", f"use one of {', '.join(STRATEGIES)}")
 
 
 def aggregate(
@@ -109,14 +192,15 @@ def aggregate(
     """Aggregate the replies' arrays with the strategy's ``aggregate_train``.
 
     FedAvg and FedProx return the example-weighted mean of every array. A
-    :class:`StatisticsAveraged` optimizer (FedAdam) steps the trainable weights from
-    ``current`` and returns the example-weighted mean for statistics
-    (:func:`common.weights.is_statistic`).
+    :class:`StatisticsAveraged` optimizer (FedAdam, FedYogi, FedAvgM) steps the trainable
+    weights from ``current`` and returns the example-weighted mean for statistics
+    (:func:`common.weights.is_statistic`). FedMedian, FedTrimmedAvg and Krum combine every
+    array by their rule (:data:`ROLES`).
 
     Parameters
     ----------
     strategy : FedAvg
-        A Flower message-based strategy (FedAvg, FedProx, FedAdam ...).
+        A strategy from :func:`make_strategy`.
     step : int
         Server round number passed to the strategy; a :class:`StatisticsAveraged` optimizer
         is given its own step count instead (bias correction restarts with its state).
@@ -135,13 +219,12 @@ def aggregate(
     unpack_replies(replies)
     keys = list(replies[0].content[ARRAYS].keys())
     server_round = step
-    if isinstance(strategy, FedOpt):
-        split = isinstance(strategy, StatisticsAveraged)
-        strategy.current_arrays = {k: np.asarray(current[k]) for k in keys
-                                   if not (split and is_statistic(k))}
-        if split:
-            strategy.steps += 1
-            server_round = strategy.steps
+    if isinstance(strategy, StatisticsAveraged):
+        stepped = {k: np.asarray(current[k]) for k in keys if not is_statistic(k)}
+        strategy.current_arrays = (stepped if isinstance(strategy, FedOpt) else
+                                   ArrayRecord({k: Array(v) for k, v in stepped.items()}))
+        strategy.steps += 1
+        server_round = strategy.steps
     arrays, _ = strategy.aggregate_train(server_round, replies)
     if arrays is None:
         raise ConfigError(f"round {step}: the strategy aggregated nothing", "check site replies")
@@ -154,33 +237,47 @@ def aggregate(
 
 
 def strategy_state(strategy: FedAvg) -> dict[str, dict[str, np.ndarray]]:
-    """Return the server state worth checkpointing (FedAdam's ``m_t``, ``v_t`` and step count)."""
-    if not isinstance(strategy, FedOpt):
+    """Return the server state worth checkpointing.
+
+    FedAdam/FedYogi: ``m_t``, ``v_t``; FedAvgM: the momentum; both: the step count. The other
+    strategies keep no state between rounds.
+    """
+    if not isinstance(strategy, StatisticsAveraged):
         return {}
-    state = {name: dict(getattr(strategy, name) or {}) for name in ("m_t", "v_t")}
-    if isinstance(strategy, StatisticsAveraged):
-        state[STEPS_GROUP] = {"steps": np.asarray(strategy.steps, dtype=np.int64)}
+    state: dict[str, dict[str, np.ndarray]] = {
+        STEPS_GROUP: {"steps": np.asarray(strategy.steps, dtype=np.int64)}}
+    if isinstance(strategy, FedOpt):
+        state.update({name: dict(getattr(strategy, name) or {}) for name in ("m_t", "v_t")})
+    if isinstance(strategy, ServerAvgM):
+        state[MOMENTUM_GROUP] = dict(strategy.momentum or {})
     return state
 
 
 def load_strategy_state(strategy: FedAvg, state: Mapping[str, Mapping[str, np.ndarray]]) -> None:
     """Restore what :func:`strategy_state` saved (an empty set means "not started")."""
-    if not isinstance(strategy, FedOpt):
+    if not isinstance(strategy, StatisticsAveraged):
         return
-    for name in ("m_t", "v_t"):
-        values = state.get(name) or {}
-        setattr(strategy, name, {k: np.asarray(v) for k, v in values.items()} or None)
-    if isinstance(strategy, StatisticsAveraged):
-        steps = (state.get(STEPS_GROUP) or {}).get("steps")
-        strategy.steps = int(steps) if steps is not None else 0
+    if isinstance(strategy, FedOpt):
+        for name in ("m_t", "v_t"):
+            values = state.get(name) or {}
+            setattr(strategy, name, {k: np.asarray(v) for k, v in values.items()} or None)
+    if isinstance(strategy, ServerAvgM):
+        values = state.get(MOMENTUM_GROUP) or {}
+        strategy.momentum = {k: np.asarray(v) for k, v in values.items()} or None
+    steps = (state.get(STEPS_GROUP) or {}).get("steps")
+    strategy.steps = int(steps) if steps is not None else 0
 
 
 def reset_strategy_state(strategy: FedAvg) -> None:
     """Forget server optimizer state (the exchanged variables change at calibration)."""
+    if not isinstance(strategy, StatisticsAveraged):
+        return
     if isinstance(strategy, FedOpt):
         strategy.m_t = None
         strategy.v_t = None
-        strategy.current_arrays = None
-    if isinstance(strategy, StatisticsAveraged):
-        strategy.steps = 0
-        strategy.statistics = {}
+    if isinstance(strategy, ServerAvgM):
+        strategy.momentum = None
+        strategy.momentum_vector = None
+    strategy.current_arrays = None
+    strategy.steps = 0
+    strategy.statistics = {}
