@@ -11,6 +11,12 @@ Exchange rules (by variable group, see :mod:`common.weights`):
   averaged as in warm-up. Quantizer state is **not** exchanged: it was fixed at calibration and
   stays identical on every site, so every site converts the same bits to Akida.
 
+Guard (:func:`screen`): before any of this, a site's reply is refused — dropped from the
+round, with its reason logged and reported — when it holds NaN/Inf, misses or adds keys, has a
+wrong shape, claims a non-positive example count, or (training rounds) its update norm is more
+than ``guard.max-norm-ratio`` times the median update norm of the other replies. The median of
+the *others* (not of all) is what makes one outsized reply detectable among two or three.
+
 Calibration combination rule: **per-channel maximum of the raw calibrated ranges** (and minimum
 of ``range_min``). quantizeml calibrates an activation's ``range_max`` as a moving average of
 batch maxima, then (cross-layer equalization) rounds it to the ideal fixed-point value and folds
@@ -26,12 +32,13 @@ shrink a small site's range.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
 from .errors import ModelError
-from .weights import BN_STATS, QUANTIZER, TRAINABLE
+from .weights import BN_STATS, QUANTIZER, TRAINABLE, is_statistic
 
 #: Variable groups sent by sites and averaged by the server, per phase.
 EXCHANGED: dict[str, tuple[str, ...]] = {
@@ -74,6 +81,109 @@ def weighted_mean(
             site_arrays, weights, strict=True)).astype(np.asarray(site_arrays[0][k]).dtype)
         for k in site_arrays[0]
     }
+
+
+def _shape(a: np.ndarray) -> tuple[int, ...]:
+    return tuple(np.shape(a))
+
+
+def _keys_note(keys: Collection[str], limit: int = 3) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit})" if len(keys) > limit else "")
+
+
+def update_norm(arrays: Mapping[str, np.ndarray], current: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of ``arrays - current`` over the trained weights (statistics left out)."""
+    total = 0.0
+    for k, v in arrays.items():
+        if k in current and not is_statistic(k):
+            total += float(np.sum((np.asarray(v, np.float64) - np.asarray(current[k],
+                                                                            np.float64)) ** 2))
+    return float(np.sqrt(total))
+
+
+def _malformed(
+    arrays: Mapping[str, np.ndarray],
+    keys: Collection[str],
+    shapes: Mapping[str, tuple[int, ...]],
+    weight: float | None,
+) -> str | None:
+    """Why a reply cannot be combined (keys, shapes, dtype, NaN/Inf, example count), or None."""
+    if weight is not None and not (np.isfinite(weight) and weight > 0):
+        return f"example count {weight!r} is not a positive number"
+    missing, extra = set(keys) - set(arrays), set(arrays) - set(keys)
+    if missing or extra:
+        return "keys differ from the expected ones: " + "; ".join(
+            part for part in (f"missing {_keys_note(missing)}" if missing else "",
+                              f"unexpected {_keys_note(extra)}" if extra else "") if part)
+    for k in keys:
+        a = np.asarray(arrays[k])
+        if _shape(a) != shapes[k]:
+            return f"array {k!r} has shape {_shape(a)}, expected {shapes[k]}"
+        if a.dtype.kind not in "fiu":
+            return f"array {k!r} has dtype {a.dtype}, not a number"
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        if bad:
+            return f"array {k!r} holds {bad} NaN/Inf value(s)"
+    return None
+
+
+def screen(
+    replies: Mapping[str, Mapping[str, np.ndarray]],
+    current: Mapping[str, np.ndarray],
+    expected: Collection[str] | None = None,
+    max_norm_ratio: float | None = None,
+    weights: Mapping[str, float] | None = None,
+) -> dict[str, str]:
+    """Tell which replies must not be aggregated, and why (the guard).
+
+    Parameters
+    ----------
+    replies : Mapping[str, Mapping[str, np.ndarray]]
+        Site → the arrays it sent.
+    current : Mapping[str, np.ndarray]
+        The global arrays the sites started from: the reference shapes, and the origin of
+        each update.
+    expected : Collection[str] | None (default: None)
+        The keys every reply must hold exactly; None: the key set most replies hold
+        (calibration, whose keys the global model does not have yet).
+    max_norm_ratio : float | None (default: None)
+        Refuse a reply whose :func:`update_norm` exceeds this times the median update norm
+        of the other well-formed replies (training rounds); None: no norm check.
+    weights : Mapping[str, float] | None (default: None)
+        Site → claimed example count, which must be a positive number.
+
+    Returns
+    -------
+    dict[str, str]
+        Site → reason, for the refused replies only (sites in ``replies``' order).
+    """
+    if expected is None:
+        counts = Counter(frozenset(a) for a in replies.values())
+        expected = set(counts.most_common(1)[0][0]) if counts else set()
+    shapes: dict[str, tuple[int, ...]] = {}
+    for k in expected:
+        if k in current:
+            shapes[k] = _shape(current[k])
+        else:  # no global value yet: the shape most replies agree on
+            seen = Counter(_shape(a[k]) for a in replies.values() if k in a)
+            shapes[k] = seen.most_common(1)[0][0]
+    refused: dict[str, str] = {}
+    for site, arrays in replies.items():
+        why = _malformed(arrays, expected, shapes, None if weights is None else weights[site])
+        if why is not None:
+            refused[site] = why
+    if max_norm_ratio is None:
+        return refused
+    norms = {s: update_norm(a, current) for s, a in replies.items() if s not in refused}
+    for site, norm in norms.items():
+        others = [n for s, n in norms.items() if s != site]
+        ref = float(np.median(others)) if others else 0.0
+        if ref > 0 and norm > max_norm_ratio * ref:
+            refused[site] = (f"update norm {norm:.3g} is {norm / ref:.3g} x the median of the "
+                             f"other sites' ({ref:.3g}); guard.max-norm-ratio is "
+                             f"{max_norm_ratio:g}")
+    return {s: refused[s] for s in replies if s in refused}
 
 
 def raw_ranges(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -91,6 +91,14 @@ def is_statistic(key: str) -> bool:
     return key.rsplit("/", 1)[-1] in _BN_SUFFIXES + _QUANTIZER_SUFFIXES
 
 
+def is_quantizer_state(key: str) -> bool:
+    """Tell, from its key alone, whether an array is quantizer state (the ``quantizer`` group).
+
+    Only the calibration round exchanges it; a training round's reply carrying it is refused.
+    """
+    return key.rsplit("/", 1)[-1] in _QUANTIZER_SUFFIXES
+
+
 def get_arrays(model, groups: Iterable[str]) -> dict[str, np.ndarray]:
     """Read the model's variables of the given groups as ``{key: array}``.
 

@@ -12,21 +12,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.app import Message
 from flwr.serverapp import Grid
 
-from common.aggregate import combine_ranges
+from common.aggregate import combine_ranges, screen
 from common.checkpoint import Checkpoint, load_latest, save_checkpoint
 from common.errors import SecurityError
 from common.fedconfig import FedConfig, scenario_changes
 from common.log import get_logger
 from common.progress import append_event
 from common.site import pact_arrays
+from common.weights import is_quantizer_state
 
 from . import protocol as P
 from .binding import bind_sites
 from .global_model import GlobalModel
 from .reports import global_summary
-from .rounds import RoundResult, RunInterrupted, run_round, wait_for_sites
+from .rounds import QuorumError, RoundResult, RunInterrupted, run_round, wait_for_sites
 from .strategies import (
     aggregate,
     load_strategy_state,
@@ -63,6 +65,22 @@ def plan(cfg: FedConfig) -> list[Step]:
         per_phase[t] = per_phase.get(t, 0) + 1
         out.append(Step(i, t, per_phase[t]))
     return out
+
+
+def expected_keys(phase: str, arrays: Mapping[str, np.ndarray]) -> set[str] | None:
+    """Return the keys a site's reply must hold in ``phase`` (None: calibration, see below).
+
+    Training rounds send back every global array but quantizer state (fixed at calibration)
+    and, in QAT, the baked PACT clips (kept by the server, never exchanged). Calibration
+    replies hold quantizer state the global model does not have yet: the guard then takes
+    the key set most replies hold.
+    """
+    if phase == "calibrate":
+        return None
+    keys = {k for k in arrays if not is_quantizer_state(k)}
+    if phase == "qat":
+        keys -= set(pact_arrays(dict(arrays)))
+    return keys
 
 
 class Receiver:
@@ -344,6 +362,43 @@ class FederatedRun:
         return {k: v for k, v in arrays.items() if k not in pact_arrays(arrays)} \
             if self._quantized_here else arrays
 
+    def _guard(
+        self, step: Step, what: str, result: RoundResult, arrays: dict[str, np.ndarray]
+    ) -> tuple[list[Message], dict[str, str]]:
+        """Screen the replies (:func:`common.aggregate.screen`): keep some, refuse others.
+
+        Returns the kept replies in site order, and site → reason for the refused ones.
+
+        Raises
+        ------
+        QuorumError
+            If fewer than ``quorum.min-replies`` replies pass.
+        """
+        sites = {self._label(n): m for n, m in result.replies.items()}
+        decoded, weights, refused = {}, {}, {}
+        for site, msg in sorted(sites.items()):
+            try:
+                decoded[site] = P.from_record(msg.content[P.ARRAYS])
+                weights[site] = float(msg.content[P.METRICS][P.NUM_EXAMPLES])
+            except (KeyError, TypeError, ValueError) as err:
+                refused[site] = f"unreadable reply ({type(err).__name__})"
+        ratio = self.cfg.guard.max_norm_ratio if step.phase != "calibrate" else None
+        refused.update(screen(decoded, arrays, expected_keys(step.phase, arrays), ratio,
+                              weights))
+        for site, why in sorted(refused.items()):
+            log.warning("%s: reply of site %s refused by the guard: %s", what, site, why)
+        kept = [msg for site, msg in sorted(sites.items()) if site not in refused]
+        if len(kept) < self.cfg.quorum.min_replies:
+            raise QuorumError(
+                f"{what}: only {len(kept)} of {len(sites)} replies passed the guard; "
+                f"quorum.min-replies={self.cfg.quorum.min_replies}. Refused: "
+                + "; ".join(f"{s}: {w}" for s, w in sorted(refused.items())),
+                "fix the refused sites (see their logs), loosen guard.max-norm-ratio if the "
+                "refused updates were honest, or lower quorum.min-replies; then rerun with "
+                "--resume",
+            )
+        return kept, dict(sorted(refused.items()))
+
     def _round(
         self, step: Step, nodes: list[int], arrays: dict[str, np.ndarray], state: dict[str, Any]
     ) -> dict[str, np.ndarray]:
@@ -363,6 +418,9 @@ class FederatedRun:
         # Sum in site order: float addition order must not depend on (random) node ids.
         replies = [result.replies[n] for n in sorted(result.replies, key=self._label)]
         received = sum(P.record_nbytes(m.content) for m in replies)
+        refused: dict[str, str] = {}
+        if step.phase in ("warmup", "qat", "calibrate"):
+            replies, refused = self._guard(step, what, result, arrays)
         if step.phase in ("warmup", "qat"):
             arrays = {**arrays, **aggregate(self.strategy, step.number, replies, arrays)}
         elif step.phase == "calibrate":
@@ -388,7 +446,9 @@ class FederatedRun:
             "bytes_received": received,
             "sites": reports,
             "replied": sorted(self._label(n) for n in result.replies),  # privacy accounting
-            "dropped": {self._label(n): why for n, why in result.failures.items()},
+            "dropped": {**{self._label(n): why for n, why in result.failures.items()},
+                        **{site: f"refused by the guard: {why}" for site, why in refused.items()}},
+            "refused": refused,
             "global": global_summary(reports),
         }
         if server_hash is not None:
@@ -397,7 +457,8 @@ class FederatedRun:
         phase_seconds = state["phase-seconds"]
         phase_seconds[step.phase] = round(phase_seconds.get(step.phase, 0.0) + seconds, 2)
         self._event(event="round-end", step=step.number, phase=step.phase,
-                    seconds=round(seconds, 2), replies=len(replies), dropped=len(result.failures),
+                    seconds=round(seconds, 2), replies=len(replies),
+                    dropped=len(result.failures) + len(refused),
                     summary=entry["global"], site_scores=_site_scores(reports))
         return arrays
 
