@@ -460,10 +460,21 @@ def hello(data: SiteData, cfg: FedConfig | None = None) -> tuple[int, dict[str, 
     }
 
 
+#: Metrics key of a round's scores of the site's own model after its local epochs.
+LOCAL_AFTER_TRAINING = "local_after_training"
+
+
 def _round(
     cfg: FedConfig, data: SiteData, kind: str, arrays: dict[str, np.ndarray], step: int,
     lr: float, epochs: int, mu: float,
 ) -> tuple[dict[str, np.ndarray], int, dict[str, Any]]:
+    """Score the received global model on the local test split, then train it locally.
+
+    ``test`` holds the scores of the global model as received (federated evaluation: what
+    the federation's model does at this site, before local training); ``local_after_training``
+    those of the locally trained model the site sends back (locally tuned, not the
+    federation's model).
+    """
     seed = site_seed(cfg.seed, step, data.site_id)
     _seed_everything(seed)
     alphas = None
@@ -471,11 +482,14 @@ def _round(
         alphas, arrays = split_pact(arrays)
     local = local_model(cfg, len(data.class_names), kind, alphas)
     local.start_round(arrays, lr, mu)
-    train = train_local(local, data, cfg, lr=lr, epochs=epochs, seed=seed, proximal_mu=mu)
     x_test, y_test = federated_part(cfg, data, "test")
+    received = (evaluate(local.model, x_test, y_test, data.class_names) if len(y_test)
+                else None)
+    train = train_local(local, data, cfg, lr=lr, epochs=epochs, seed=seed, proximal_mu=mu)
     metrics: dict[str, Any] = {**train}
-    if len(y_test):
-        metrics["test"] = evaluate(local.model, x_test, y_test, data.class_names)
+    if received is not None:
+        metrics["test"] = received
+        metrics[LOCAL_AFTER_TRAINING] = evaluate(local.model, x_test, y_test, data.class_names)
     groups = EXCHANGED["qat" if kind == QUANTIZED else "warmup"]
     return get_arrays(local.model, groups), train["train_examples"], metrics
 
@@ -484,7 +498,7 @@ def warmup(
     cfg: FedConfig, data: SiteData, arrays: dict[str, np.ndarray], step: int,
     lr: float, epochs: int, proximal_mu: float = 0.0,
 ) -> tuple[dict[str, np.ndarray], int, dict[str, Any]]:
-    """One float warm-up round: start from the global float arrays, train locally, evaluate."""
+    """One float warm-up round: score the global float arrays received, then train locally."""
     return _round(cfg, data, FLOAT, arrays, step, lr, epochs, proximal_mu)
 
 
