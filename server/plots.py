@@ -8,7 +8,11 @@ from typing import Any
 
 
 def write_plots(report: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
-    """Write ``learning_curves.png`` and ``confusion_<site>.png`` files; return their paths."""
+    """Write ``learning_curves.png`` and ``confusion_<site>.png`` files; return their paths.
+
+    The curves show each round's global model as the sites received it (scored on their
+    test splits before local training); the dotted line is the sites' locally trained models.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,7 +27,11 @@ def write_plots(report: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
         for ax, key, title in zip(axes, ("loss", "balanced_accuracy", "macro_f1"),
                                   ("test loss", "balanced accuracy", "macro F1"), strict=True):
             steps = [r["step"] for r in rounds]
-            ax.plot(steps, [r["global"].get(f"test.{key}") for r in rounds], "k-o", label="global")
+            ax.plot(steps, [r["global"].get(f"test.{key}") for r in rounds], "k-o",
+                    label="global (union of sites)")
+            local = [r["global"].get(f"local_after_training.{key}") for r in rounds]
+            if any(v is not None for v in local):
+                ax.plot(steps, local, ":", color="0.5", label="sites' own models after training")
             sites = sorted({s for r in rounds for s in r["sites"]})
             for site in sites:
                 ys = [(r["sites"].get(site) or {}).get("test", {}).get(key) for r in rounds]
@@ -31,8 +39,8 @@ def write_plots(report: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
             qat = [r["step"] for r in rounds if r["phase"] == "qat"]
             if qat:
                 ax.axvspan(min(qat) - 0.5, max(qat) + 0.5, color="0.9", label="QAT")
-            ax.set_title(title)
-            ax.set_xlabel("round")
+            ax.set_title(f"{title}: global model received")
+            ax.set_xlabel("round (scored before local training)")
         axes[0].legend(fontsize=7)
         fig.tight_layout()
         path = out / "learning_curves.png"

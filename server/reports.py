@@ -8,11 +8,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from common.pooled import pooled_scores
+
 from .privacy import privacy_markdown, privacy_summary
 
 SCORES = ("accuracy", "balanced_accuracy", "macro_f1")
-#: Evaluation blocks a site may report, in report order.
-BLOCKS = ("test", "akida", "akida_after_edge")
+#: Evaluation blocks a site may report, in report order: the rounds' ``test`` (the global
+#: model as received) and ``local_after_training`` (the site's own model after its local
+#: epochs); the final round's ``keras_quantized``, ``akida`` and ``akida_after_edge``.
+BLOCKS = ("test", "local_after_training", "keras_quantized", "akida", "akida_after_edge")
 
 
 def _weighted(values: list[tuple[float, float]]) -> float | None:
@@ -20,21 +24,48 @@ def _weighted(values: list[tuple[float, float]]) -> float | None:
     return None if total <= 0 else float(sum(v * w for v, w in values) / total)
 
 
-def global_summary(reports: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
-    """Example-weighted means over sites of each evaluation block's scores and of the losses.
+def pooled_blocks(reports: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Pool each evaluation block over the sites that sent its confusion matrix.
+
+    Returns
+    -------
+    dict[str, dict[str, Any]]
+        Block → :func:`common.pooled.pooled_scores` (union scores with 95 % intervals, per
+        site, worst site, spread), for the blocks at least one site scored.
+    """
+    out = {}
+    for block in BLOCKS:
+        cms = {site: r[block]["confusion_matrix"] for site, r in reports.items()
+               if isinstance(r.get(block), Mapping) and r[block].get("confusion_matrix")}
+        if cms:
+            out[block] = pooled_scores(cms)
+    return out
+
+
+def global_summary(reports: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Global numbers of a round: scores of the union of the sites' test images, and losses.
+
+    ``<block>.balanced_accuracy``, ``.macro_f1`` and ``.accuracy`` are computed on the summed
+    confusion matrices of the sites (:func:`common.pooled.pooled_scores`), never averaged
+    over sites; with them come ``.balanced_accuracy_ci`` / ``.macro_f1_ci`` (95 %),
+    ``.worst_site`` and ``.worst_site_balanced_accuracy`` (+ ``_ci``), ``.spread`` (best
+    minus worst site balanced accuracy) and ``.pooled`` (True). A block no site sent a
+    confusion matrix for falls back to the example-weighted mean over sites (``.pooled``
+    False). Losses (``<block>.loss``, ``train_loss``) are example-weighted means: the mean
+    loss over the union.
 
     Parameters
     ----------
     reports : Mapping[str, Mapping[str, Any]]
         Site id → decrypted metrics, e.g. ``{"train_loss": .., "test": {"balanced_accuracy":
-        .., "num_examples": ..}, "akida": {...}}``.
+        .., "confusion_matrix": .., "num_examples": ..}, "akida": {...}}``.
 
     Returns
     -------
-    dict[str, float | None]
-        Keys like ``test.balanced_accuracy``, ``akida.macro_f1``, ``train_loss``.
+    dict[str, Any]
+        Keys like ``test.balanced_accuracy``, ``akida.worst_site``, ``train_loss``.
     """
-    out: dict[str, float | None] = {}
+    out: dict[str, Any] = {}
     for block in BLOCKS:
         for score in (*SCORES, "loss"):
             pairs = [
@@ -44,6 +75,19 @@ def global_summary(reports: Mapping[str, Mapping[str, Any]]) -> dict[str, float 
             ]
             if pairs:
                 out[f"{block}.{score}"] = _weighted(pairs)
+                out[f"{block}.pooled"] = False
+    for block, p in pooled_blocks(reports).items():
+        worst = p["worst_site"]
+        out.update({f"{block}.{score}": p[score] for score in SCORES})
+        out.update({
+            f"{block}.balanced_accuracy_ci": p["balanced_accuracy_ci"],
+            f"{block}.macro_f1_ci": p["macro_f1_ci"],
+            f"{block}.worst_site": worst["site"],
+            f"{block}.worst_site_balanced_accuracy": worst["balanced_accuracy"],
+            f"{block}.worst_site_balanced_accuracy_ci": worst["balanced_accuracy_ci"],
+            f"{block}.spread": p["spread"]["range"],
+            f"{block}.pooled": True,
+        })
     pairs = [(float(r["train_loss"]), float(r.get("train_examples", 1)))
              for r in reports.values() if r.get("train_loss") is not None]
     if pairs:
@@ -99,11 +143,29 @@ def build_report(state: Mapping[str, Any], wall_seconds: float | None = None) ->
         "wall_seconds": wall_seconds,
         "saliency": saliency_summary(final),
         "privacy": privacy_summary(state),
+        # The final model on the union of the sites' test images (:func:`pooled_blocks`).
+        "global": pooled_blocks((final or {}).get("sites") or {}),
     }
 
 
 def _fmt(x: Any) -> str:
     return "–" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def _ci(ci: Any) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if isinstance(ci, list | tuple) and len(ci) == 2 else ""
+
+
+def _with_ci(g: Mapping[str, Any], key: str) -> str:
+    """Format a global score with its 95 % interval when known: ``0.512 [0.471, 0.553]``."""
+    ci = _ci(g.get(f"{key}_ci"))
+    return _fmt(g.get(key)) + (f" {ci}" if ci else "")
+
+
+def _worst(g: Mapping[str, Any], block: str) -> str:
+    site = g.get(f"{block}.worst_site")
+    return "–" if site is None else \
+        f"{site} {_fmt(g.get(f'{block}.worst_site_balanced_accuracy'))}"
 
 
 def report_markdown(report: Mapping[str, Any]) -> str:
@@ -124,25 +186,34 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                   "other classes; the final Akida scores are on every local test image.", ""]
     for node, why in sorted((report.get("hello_dropped") or {}).items()):
         lines += [f"Left out at hello: {node}: {why}", ""]
+    lines += _global_markdown(report.get("global") or {})
     lines += ["## Rounds", "",
-              "Test loss, balanced accuracy and macro F1 on each site's local test split; "
-              "global = example-weighted mean over sites.", "",
-              "| round | phase | site | loss | bal. acc. | macro F1 | bytes sent | bytes recv "
-              "| s |", "|---|---|---|---|---|---|---|---|---|"]
+              "Each site scores the global model it received, on its local test split, before "
+              "training on it (round r scores the model aggregated in round r-1); global = the "
+              "union of the sites' test images (summed confusion matrices), with a 95 % "
+              "interval. Worst site and spread (best minus worst site) are balanced "
+              "accuracies. The last column is each site's own model after its local epochs "
+              "(locally tuned, not the federation's model).", "",
+              "| round | phase | site | loss | bal. acc. | macro F1 | worst site | spread | "
+              "local after training bal. acc. | bytes sent | bytes recv | s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.get("rounds", []):
         if r["phase"] == "finalize":
             continue
         g = r.get("global", {})
         lines.append(
             f"| {r['step']} | {r['phase']} | **global** | {_fmt(g.get('test.loss'))} | "
-            f"{_fmt(g.get('test.balanced_accuracy'))} | {_fmt(g.get('test.macro_f1'))} | "
+            f"{_with_ci(g, 'test.balanced_accuracy')} | {_with_ci(g, 'test.macro_f1')} | "
+            f"{_worst(g, 'test')} | {_fmt(g.get('test.spread'))} | "
+            f"{_fmt(g.get('local_after_training.balanced_accuracy'))} | "
             f"{r['bytes_sent']} | {r['bytes_received']} | {r['seconds']} |")
         for site, m in sorted(r.get("sites", {}).items()):
-            t = m.get("test") or {}
+            t, loc = m.get("test") or {}, m.get("local_after_training") or {}
             lines.append(f"| | | {site} | {_fmt(t.get('loss'))} | "
-                         f"{_fmt(t.get('balanced_accuracy'))} | {_fmt(t.get('macro_f1'))} | | | |")
+                         f"{_fmt(t.get('balanced_accuracy'))} | {_fmt(t.get('macro_f1'))} | | | "
+                         f"{_fmt(loc.get('balanced_accuracy'))} | | | |")
         for site, why in r.get("dropped", {}).items():
-            lines.append(f"| | | {site} | dropped: {why} | | | | | |")
+            lines.append(f"| | | {site} | dropped: {why} | | | | | | | | |")
     final = report.get("final")
     if final:
         g = final.get("global", {})
@@ -152,10 +223,10 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                   "| site | hash matches | Akida/quantized agreement | Akida bal. acc. | "
                   "Akida macro F1 | after on-chip learning bal. acc. | after macro F1 |",
                   "|---|---|---|---|---|---|---|",
-                  f"| **global** | | | {_fmt(g.get('akida.balanced_accuracy'))} | "
-                  f"{_fmt(g.get('akida.macro_f1'))} | "
-                  f"{_fmt(g.get('akida_after_edge.balanced_accuracy'))} | "
-                  f"{_fmt(g.get('akida_after_edge.macro_f1'))} |"]
+                  f"| **global** | | | {_with_ci(g, 'akida.balanced_accuracy')} | "
+                  f"{_with_ci(g, 'akida.macro_f1')} | "
+                  f"{_with_ci(g, 'akida_after_edge.balanced_accuracy')} | "
+                  f"{_with_ci(g, 'akida_after_edge.macro_f1')} |"]
         for site, m in sorted(final.get("sites", {}).items()):
             a, e = m.get("akida") or {}, m.get("akida_after_edge") or {}
             after = _fmt(e.get("balanced_accuracy")) if "error" not in e else \
@@ -182,6 +253,35 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     lines += privacy_markdown(report.get("privacy") or {})
     lines += _saliency_markdown(report.get("saliency") or {})
     return "\n".join(lines) + "\n"
+
+
+#: Headline names of the final round's evaluation blocks.
+_BLOCK_TITLES = {"test": "float model", "keras_quantized": "quantized Keras model",
+                 "akida": "Akida model", "akida_after_edge": "Akida after on-chip learning"}
+
+
+def _global_markdown(pooled: Mapping[str, Any]) -> list[str]:
+    """Render the "Global model" headline: union scores, worst site and spread per block."""
+    rows = [(b, pooled[b]) for b in _BLOCK_TITLES if isinstance(pooled.get(b), Mapping)]
+    if not rows:
+        return []
+    lines = ["## Global model", "",
+             "The final global model on the union of the sites' test images (summed confusion "
+             "matrices, never a mean of site scores), with 95 % intervals (bootstrap over "
+             "images, resampled within each site from its confusion matrix); worst site and "
+             "spread (best minus worst) of the sites' balanced accuracies.", "",
+             "| model | images | bal. acc. | macro F1 | worst site | worst site bal. acc. | "
+             "spread |", "|---|---|---|---|---|---|---|"]
+    for block, p in rows:
+        worst, spread = p.get("worst_site") or {}, p.get("spread") or {}
+        lines.append(
+            f"| {_BLOCK_TITLES[block]} | {p.get('num_examples')} | "
+            f"{_fmt(p.get('balanced_accuracy'))} {_ci(p.get('balanced_accuracy_ci'))} | "
+            f"{_fmt(p.get('macro_f1'))} {_ci(p.get('macro_f1_ci'))} | {worst.get('site')} | "
+            f"{_fmt(worst.get('balanced_accuracy'))} {_ci(worst.get('balanced_accuracy_ci'))} "
+            f"| {_fmt(spread.get('range'))} ({_fmt(spread.get('min'))}–"
+            f"{_fmt(spread.get('max'))}) |")
+    return lines + [""]
 
 
 def _saliency_markdown(saliency: Mapping[str, Any]) -> list[str]:
