@@ -116,7 +116,7 @@ def _malformed(
         return "keys differ from the expected ones: " + "; ".join(
             part for part in (f"missing {_keys_note(missing)}" if missing else "",
                               f"unexpected {_keys_note(extra)}" if extra else "") if part)
-    for k in keys:
+    for k in arrays:  # in the site's order: the first bad array is named
         a = np.asarray(arrays[k])
         if _shape(a) != shapes[k]:
             return f"array {k!r} has shape {_shape(a)}, expected {shapes[k]}"
