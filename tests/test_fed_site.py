@@ -106,3 +106,21 @@ def test_an_unknown_new_class_is_refused_with_the_classes(data):
     cfg = parse_config({**SCENARIO, "edge": {"new-class": "melanoma"}})
     with pytest.raises(ConfigError, match=r"edge\.new-class 'melanoma'.*akiec, bcc"):
         site.hello(data, cfg)
+
+
+def test_a_round_scores_the_global_model_received_before_training_on_it(cfg, data, initial):
+    # Prepare: the global float model as the server sends it, scored directly
+    x_test, y_test = site.federated_part(cfg, data, "test")
+    model = site.float_model_from(cfg, len(data.class_names), initial)
+    received = site.evaluate(model, x_test, y_test, data.class_names)
+
+    # Execute: a warm-up round that trains hard enough to change the predictions
+    trained, _, metrics = site.warmup(cfg, data, initial, step=1, lr=0.03, epochs=2)
+
+    # Assert: "test" is the received global model's score; the locally tuned one is labelled
+    assert metrics["test"]["confusion_matrix"] == received["confusion_matrix"]
+    assert metrics["test"]["loss"] == pytest.approx(received["loss"], rel=1e-5)
+    local = site.evaluate(site.float_model_from(cfg, len(data.class_names), trained), x_test,
+                          y_test, data.class_names)
+    assert metrics[site.LOCAL_AFTER_TRAINING]["loss"] == pytest.approx(local["loss"], rel=1e-5)
+    assert metrics[site.LOCAL_AFTER_TRAINING]["loss"] != pytest.approx(received["loss"], rel=1e-3)
