@@ -429,6 +429,7 @@ class FederatedRun:
             arrays = {**pact_arrays(arrays), **self.model.quantize(arrays, ranges)}
             self._quantized_here = True
             reset_strategy_state(self.strategy)
+        # A refused site's sealed report still counts: it scores the global model it received.
         reports = self._open_reports(result, state, step.number)
         if server_hash is not None:
             for site, rep in reports.items():
