@@ -8,9 +8,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from common.log import get_logger
 from common.pooled import pooled_scores
 
 from .privacy import privacy_markdown, privacy_summary
+
+log = get_logger("server.reports")
 
 SCORES = ("accuracy", "balanced_accuracy", "macro_f1")
 #: Evaluation blocks a site may report, in report order: the rounds' ``test`` (the global
@@ -31,14 +34,19 @@ def pooled_blocks(reports: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[st
     -------
     dict[str, dict[str, Any]]
         Block → :func:`common.pooled.pooled_scores` (union scores with 95 % intervals, per
-        site, worst site, spread), for the blocks at least one site scored.
+        site, worst site, spread), for the blocks at least one site scored; a block whose
+        matrices cannot be summed (different class lists) is left out, with a warning.
     """
     out = {}
     for block in BLOCKS:
         cms = {site: r[block]["confusion_matrix"] for site, r in reports.items()
                if isinstance(r.get(block), Mapping) and r[block].get("confusion_matrix")}
-        if cms:
+        if not cms:
+            continue
+        try:
             out[block] = pooled_scores(cms)
+        except ValueError as err:  # e.g. sites with different class lists: no union
+            log.warning("%s: confusion matrices not pooled: %s", block, err)
     return out
 
 

@@ -99,3 +99,11 @@ def test_every_report_shows_the_union_worst_site_and_spread():
     assert "0.567 (0.333–0.900)" in row
     round_row = next(line for line in md.splitlines() if line.startswith("| 1 | warmup |"))
     assert "small 0.333" in round_row and "| 0.567 |" in round_row
+
+
+def test_matrices_that_cannot_be_summed_fall_back_to_the_site_mean_without_losing_the_round():
+    sites = _sites()
+    sites["other"] = {"test": classification_metrics([0, 1], [0, 1], ("a", "b"))}
+    g = global_summary(sites)
+    assert g["test.pooled"] is False and "test.worst_site" not in g
+    assert 0 < g["test.balanced_accuracy"] < 1
