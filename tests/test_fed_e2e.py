@@ -65,7 +65,9 @@ def test_three_sites_reach_identical_akida_models_with_sealed_reports(tmp_path):
                 assert 0.0 <= m["test"]["balanced_accuracy"] <= 1.0
                 assert m["train_examples"] > 0
                 assert sum(m["test"]["confusion_matrix"][mel]) == 0  # held out of the rounds
+                assert "confusion_matrix" in m["local_after_training"]  # labelled apart
             assert r["bytes_received"] > 0 and r["bytes_sent"] > 0
+            assert r["global"]["test.pooled"] is True and r["refused"] == {}
     assert set(report["phase_seconds"]) == {"warmup", "calibrate", "qat", "finalize"}
     final = report["final"]
     server_hash = final["server_hash"]
@@ -79,6 +81,9 @@ def test_three_sites_reach_identical_akida_models_with_sealed_reports(tmp_path):
     present = union.sum(axis=1) > 0
     union_ba = float(np.mean(np.diag(union)[present] / union.sum(axis=1)[present]))
     assert union_ba > 1.0 / present.sum(), (union_ba, union.tolist())
+    pooled = report["global"]["akida"]  # the report's global figure is that union's
+    assert pooled["balanced_accuracy"] == pytest.approx(union_ba)
+    assert pooled["worst_site"]["site"] in sites and pooled["balanced_accuracy_ci"]
     for site, m in final["sites"].items():
         assert m["akida_hash"] == server_hash, site
         assert m["hash_matches"] and m["hash_matches_server"]
@@ -117,7 +122,7 @@ def test_three_sites_reach_identical_akida_models_with_sealed_reports(tmp_path):
             assert f"({rel})" in md
         assert set(final["sites"][site]["saliency"]) == {"images", "files", "stability"}
         assert len(json.dumps(final["sites"][site]["saliency"])) < 4000
-    assert "## Saliency" in md
+    assert "## Saliency" in md and "## Global model" in md
     # The published global model is signed: its manifest names the run, round and hash
     release = verify_release(out / "global_model.fbz", keys / "release.pub")
     assert release["run_id"] == report["run_id"] and release["round"] == final["step"]
