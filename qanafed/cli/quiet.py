@@ -38,14 +38,15 @@ def filter_native_stderr(sink: Callable[[str], None] | None = None) -> None:
     original descriptor, so it keeps its terminal (colours, live tables) and is never delayed.
     What native code and child processes write to descriptor 2 passes through a pipe: lines
     matching :data:`NATIVE_NOISE` go to ``sink`` (e.g. a run log) or nowhere, every other line
-    reaches the console unchanged. Idempotent; a no-op where descriptor 2 is not available.
+    reaches the console unchanged. Idempotent; a no-op where descriptor 2 is not available or
+    ``sys.stderr`` is already redirected (a test runner capturing output, Typer's CliRunner).
 
     Parameters
     ----------
     sink : Callable[[str], None] | None (default: None)
         Receives each dropped line (without its newline).
     """
-    if _state:
+    if _state or sys.stderr is not sys.__stderr__:
         return
     try:
         sys.stderr.flush()
