@@ -182,16 +182,19 @@ def sampling_probs(labels: np.ndarray, power: float = 1.0) -> np.ndarray:
     return weights / weights.sum()
 
 
-def effective_prior(labels: np.ndarray, num_classes: int, power: float = 0.0) -> np.ndarray:
+def effective_prior(
+    labels: np.ndarray, num_classes: int, power: float = 0.0, warn: bool = True
+) -> np.ndarray:
     """Class prior of training batches drawn with :func:`sampling_probs` at ``power``.
 
-    A class without training images counts as one image (with a warning naming it), so the
-    prior stays positive and the logit-adjusted loss stays defined; such a class is never a
-    training label, so the model cannot learn it either way.
+    A class without training images counts as one image (with a warning naming it, unless
+    ``warn`` is False: a federated site lacking classes is expected), so the prior stays
+    positive and the logit-adjusted loss stays defined; such a class is never a training
+    label, so the model cannot learn it from these images either way.
     """
     counts = np.bincount(np.asarray(labels, dtype=np.int64).ravel(), minlength=num_classes)
     empty = np.flatnonzero(counts == 0)
-    if empty.size:
+    if empty.size and warn:
         log.warning("classes %s have no training images; their prior counts them as one image",
                     empty.tolist())
     mass = np.maximum(counts, 1).astype(np.float64) ** (1.0 - power)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .tta import MAX_TTA
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg",
               "krum")
@@ -15,6 +16,8 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian",
 SERVER_LR_DEFAULTS = {"fedadam": 3e-2, "fedyogi": 3e-2, "fedavgm": 0.1}
 VARIANTS = ("qana-akd1000", "qana-akida2", "qana-float", "akidanet-akd1000")
 SCHEMES = ("natural", "iid", "dirichlet")
+BALANCES = ("none", "oversample", "smote", "sampler")
+LOSSES = ("ce", "logit-adjusted")
 
 
 def _kebab(name: str) -> str:
@@ -328,7 +331,22 @@ class FedConfig(_Section):
     calibration-samples : int (default: 256)
         Training images per site used for federated calibration.
     balance : str (default: "none")
-        Local class balancing of the training split (``none``, ``oversample``, ``smote``).
+        Local class balancing of the training split: ``none``, ``oversample``, ``smote``
+        (arrays resampled), or ``sampler`` (batches drawn with
+        :func:`common.balance.sampling_probs` of each site's own labels, no image added).
+    sampling-power : float (default: 0.5)
+        With ``balance: sampler``: class ``c`` is drawn in proportion to ``n_c^(1-power)``;
+        1 class-balanced, 0.5 square-root (the accuracy recipe), 0 natural. In [0, 1].
+    loss : str (default: "ce")
+        Local label loss: ``ce`` (cross-entropy) or ``logit-adjusted`` (cross-entropy on
+        ``logits + la-tau · log(prior)`` with each site's own training prior, see
+        :func:`common.site.site_prior`).
+    la-tau : float (default: 1.0)
+        Strength of the logit adjustment (>= 0; 0 is plain cross-entropy).
+    tta : int (default: 1)
+        Test-time augmentation views (flips, 90° rotations; 1 to 8) averaged in each
+        site's round evaluation and in the final scoring of the global model; recorded
+        beside the global model. 1: none.
     augment : bool (default: False)
         Local training augmentation.
     pact, sgt
@@ -365,7 +383,11 @@ class FedConfig(_Section):
     guard: GuardConfig = GuardConfig()
     quorum: QuorumConfig = QuorumConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
-    balance: Literal["none", "oversample", "smote"] = "none"
+    balance: Literal["none", "oversample", "smote", "sampler"] = "none"
+    sampling_power: float = 0.5
+    loss: Literal["ce", "logit-adjusted"] = "ce"
+    la_tau: float = 1.0
+    tta: int = 1
     augment: bool = False
     edge: EdgeConfig = EdgeConfig()
     pact: PactConfig = PactConfig()
@@ -383,6 +405,36 @@ class FedConfig(_Section):
 
         for site, raw in value.items():
             parse_policy(raw, f"site-policies.{site}")
+        return value
+
+    @field_validator("sampling_power")
+    @classmethod
+    def _power_in_range(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(
+                f"sampling-power {value} is outside [0, 1]; use 1 (class-balanced), 0.5 "
+                "(square-root, the accuracy recipe) or 0 (natural frequencies)"
+            )
+        return value
+
+    @field_validator("la_tau")
+    @classmethod
+    def _tau_non_negative(cls, value: float) -> float:
+        if not (value >= 0.0 and value != float("inf")):
+            raise ValueError(
+                f"la-tau {value} is not a finite number >= 0; use e.g. 1.0 (0 is plain "
+                "cross-entropy)"
+            )
+        return value
+
+    @field_validator("tta")
+    @classmethod
+    def _tta_views(cls, value: int) -> int:
+        if not 1 <= value <= MAX_TTA:
+            raise ValueError(
+                f"tta {value} is not a number of views; use 1 (no test-time augmentation) "
+                f"to {MAX_TTA} (flips and 90° rotations)"
+            )
         return value
 
     @model_validator(mode="after")
@@ -476,7 +528,8 @@ def parse_config(raw: Any, source: str = "config") -> FedConfig:
             _describe(err, source),
             "fix the keys above (kebab-case, e.g. local-epochs); see simulations/demo.yaml "
             f"for a complete example. Strategies: {', '.join(STRATEGIES)}; "
-            f"variants: {', '.join(VARIANTS)}; partition schemes: {', '.join(SCHEMES)}",
+            f"variants: {', '.join(VARIANTS)}; partition schemes: {', '.join(SCHEMES)}; "
+            f"balance: {', '.join(BALANCES)}; loss: {', '.join(LOSSES)}",
         ) from None
 
 

@@ -3,9 +3,10 @@
 Building a quantized QANA model (quantizeml) and tracing its training graph cost far more than
 a round of local training on a small site, so each process keeps one float and one quantized
 model per scenario, with their Adam optimizer and ``tf.function`` train step. A round assigns
-the global arrays, zeroes the optimizer state and sets the learning rate and the FedProx
-anchors: every variable the step reads is reset, so a round gives the same result in a fresh
-process as in one that already ran other rounds or other sites (tested by resume).
+the global arrays, zeroes the optimizer state and sets the learning rate, the FedProx anchors
+and the site's logit adjustment: every variable the step reads is reset, so a round gives the
+same result in a fresh process as in one that already ran other rounds or other sites (tested
+by resume).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ QUANTIZED = "quantized"
 
 @dataclass
 class LocalModel:
-    """A model with its optimizer, FedProx anchors and compiled train step.
+    """A model with its optimizer, FedProx anchors, label loss and compiled train step.
 
     Parameters
     ----------
@@ -41,7 +42,10 @@ class LocalModel:
     mu : Any
         ``tf.Variable`` holding the proximal weight.
     step : Callable
-        Compiled ``step(x, y) -> cross-entropy loss`` (one optimizer update).
+        Compiled ``step(x, y) -> label loss`` (one optimizer update).
+    label_loss : LogitAdjustedLoss | None (default: None)
+        The step's label loss, its offset a ``tf.Variable`` (:meth:`set_prior`); None for a
+        model ending with a softmax (plain cross-entropy only).
     """
 
     model: Any
@@ -49,9 +53,13 @@ class LocalModel:
     anchors: list
     mu: Any
     step: Callable
+    label_loss: Any = None
 
     def start_round(self, arrays: dict[str, np.ndarray], lr: float, proximal_mu: float) -> None:
-        """Load the global arrays; zero Adam's moments and step count; set lr, mu and anchors."""
+        """Load the global arrays; zero Adam's moments and step count; set lr, mu and anchors.
+
+        The logit adjustment goes back to none (plain cross-entropy) until :meth:`set_prior`.
+        """
         set_arrays(self.model, arrays)
         for var in self.optimizer.variables():
             var.assign(np.zeros(var.shape, dtype=var.dtype.as_numpy_dtype))
@@ -59,6 +67,35 @@ class LocalModel:
         self.mu.assign(float(proximal_mu))
         for anchor, weight in zip(self.anchors, self.model.trainable_weights, strict=True):
             anchor.assign(weight)
+        self.set_prior(None, 0.0)
+
+    def set_prior(self, prior: np.ndarray | None, tau: float) -> None:
+        """Set the logit adjustment ``tau · log(prior)`` the step adds in its loss.
+
+        Parameters
+        ----------
+        prior : np.ndarray | None
+            The class prior of this site's training batches; None: uniform.
+        tau : float
+            Adjustment strength; 0 is plain cross-entropy.
+
+        Raises
+        ------
+        ModelError
+            ``tau > 0`` on a model that ends with a softmax (no logits to adjust).
+        """
+        if self.label_loss is None:
+            if tau > 0:
+                from .errors import ModelError
+
+                raise ModelError(
+                    f"model {self.model.name!r} ends with a softmax; logit adjustment needs logits",
+                    "build the model without a final softmax, or set loss: ce",
+                )
+            return
+        classes = int(self.model.output_shape[-1])
+        self.label_loss.set_prior(np.full(classes, 1.0 / classes) if prior is None else prior,
+                                  tau)
 
 
 def from_logits(model) -> bool:
@@ -88,11 +125,14 @@ class SgtOptions:
 def compile_local(model, sgt: SgtOptions | None = None) -> LocalModel:
     """Wrap ``model`` with an Adam optimizer and a ``tf.function`` train step.
 
-    Loss: cross-entropy (with ``sgt``: the saliency-guided loss of
-    :meth:`common.sgt.SaliencyGuidedModel.sgt_losses`, cross-entropy + KL on masked inputs),
-    plus the model's own losses (e.g. PACT's α penalty), plus ``mu / 2 * ||w - w_anchor||²``
-    over the trainable weights (FedProx; zero when ``mu`` is 0). The step returns the
-    cross-entropy and is traced once per process, for any batch size.
+    Loss: the label loss, a :class:`common.losses.LogitAdjustedLoss` whose offset is a
+    variable (plain cross-entropy until :meth:`LocalModel.set_prior`; with ``sgt``, the
+    saliency-guided loss of :meth:`common.sgt.SaliencyGuidedModel.sgt_losses`, label loss + KL
+    on masked inputs), plus the model's own losses (e.g. PACT's α penalty), plus
+    ``mu / 2 * ||w - w_anchor||²`` over the trainable weights (FedProx; zero when ``mu`` is 0).
+    The step returns the label loss and is traced once per process, for any batch size: the
+    prior and ``mu`` are variables read at each call, never constants of the trace, so the
+    simulated sites sharing this step each train with their own.
 
     Raises
     ------
@@ -102,17 +142,27 @@ def compile_local(model, sgt: SgtOptions | None = None) -> LocalModel:
     import tensorflow as tf
     import tf_keras as keras
 
-    logits_out = from_logits(model)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=logits_out)
+    from .losses import LogitAdjustedLoss
+
+    label_loss = None
+    if from_logits(model):
+        classes = int(model.output_shape[-1])
+        label_loss = LogitAdjustedLoss(np.full(classes, 1.0 / classes), tau=0.0, adjustable=True,
+                                       reduction=keras.losses.Reduction.NONE)
+        loss_fn = label_loss
+    else:
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(
+            reduction=keras.losses.Reduction.NONE)
     guided = None
     if sgt is not None:
         from .errors import ModelError
         from .sgt import SaliencyGuidedModel
 
-        if not logits_out:
+        if label_loss is None:
             raise ModelError(f"model {model.name!r} ends with a softmax; SGT needs logits",
                              "build the model without a final softmax, or disable sgt")
-        guided = SaliencyGuidedModel(model, sgt.mask_fraction, sgt.kl_weight)
+        guided = SaliencyGuidedModel(model, sgt.mask_fraction, sgt.kl_weight,
+                                     label_loss=label_loss)
     weights = model.trainable_weights
     optimizer = keras.optimizers.Adam(learning_rate=1e-3)
     optimizer.build(weights)
@@ -128,7 +178,7 @@ def compile_local(model, sgt: SgtOptions | None = None) -> LocalModel:
                 losses = guided.sgt_losses(x, y, training=True)  # includes model.losses
                 loss, total = losses["ce"], losses["loss"]
             else:
-                loss = loss_fn(y, model(x, training=True))
+                loss = tf.reduce_mean(loss_fn(y, model(x, training=True)))
                 total = loss + tf.add_n(model.losses) if model.losses else loss
             prox = tf.add_n([tf.reduce_sum(tf.square(w - a))
                              for w, a in zip(weights, anchors, strict=True)])
@@ -137,7 +187,7 @@ def compile_local(model, sgt: SgtOptions | None = None) -> LocalModel:
         optimizer.apply_gradients(zip(grads, weights, strict=True))
         return loss
 
-    return LocalModel(model, optimizer, anchors, mu, step)
+    return LocalModel(model, optimizer, anchors, mu, step, label_loss)
 
 
 class ModelCache:
@@ -209,14 +259,19 @@ def train(
     batch_size: int,
     augment: bool,
     seed: int,
+    sample_probs: np.ndarray | None = None,
 ) -> float:
-    """Run ``epochs`` seeded epochs of the compiled step; return the last epoch's mean loss."""
+    """Run ``epochs`` seeded epochs of the compiled step; return the last epoch's mean loss.
+
+    ``sample_probs`` (one per image, :func:`common.balance.sampling_probs`) draws each epoch's
+    ``len(x)`` images with replacement from them instead of a permutation.
+    """
     from .augment import make_dataset
 
     losses: list[float] = []
     for epoch in range(epochs):
         ds = make_dataset(x, y, batch_size=batch_size, augment=augment, shuffle=True,
-                          seed=seed + epoch)
+                          seed=seed + epoch, sample_probs=sample_probs)
         losses = [float(local.step(xb, yb)) for xb, yb in ds]
     return float(np.mean(losses)) if losses else 0.0
 

@@ -23,16 +23,32 @@ class LogitAdjustedLoss(keras.losses.Loss):
     what gets minimised, without resampling pixels. ``prior`` is the class distribution the
     batches are drawn from (:func:`common.balance.effective_prior`).
 
+    With ``adjustable=True`` the offset is a ``tf.Variable`` that :meth:`set_prior` changes
+    after a train step was traced with this loss: a federated site's compiled step is shared by
+    the simulated sites of one process, each with its own prior (:mod:`common.local_training`).
+
     Parameters
     ----------
     prior : Sequence[float]
         Training class prior, positive, summing to 1.
     tau : float (default: 1.0)
         Strength of the adjustment; 0 is plain cross-entropy.
+    adjustable : bool (default: False)
+        Hold the offset in a variable, for :meth:`set_prior`.
     """
 
-    def __init__(self, prior: Any, tau: float = 1.0, name: str = "logit_adjusted", **kw: Any):
+    def __init__(
+        self, prior: Any, tau: float = 1.0, name: str = "logit_adjusted",
+        adjustable: bool = False, **kw: Any,
+    ):
         super().__init__(name=name, **kw)
+        offset = self._check(prior, tau)
+        make = tf.Variable if adjustable else tf.constant
+        kwargs = {"trainable": False} if adjustable else {}
+        self._offset = make(offset, dtype=tf.float32, **kwargs)
+
+    def _check(self, prior: Any, tau: float) -> np.ndarray:
+        """Validate and keep ``prior`` and ``tau``; return the offset ``tau · log(prior)``."""
         prior = np.asarray(prior, dtype=np.float64)
         if prior.ndim != 1 or np.any(prior <= 0) or not np.isfinite(tau) or tau < 0:
             raise ConfigError(
@@ -42,7 +58,30 @@ class LogitAdjustedLoss(keras.losses.Loss):
             )
         self.prior = (prior / prior.sum()).tolist()
         self.tau = float(tau)
-        self._offset = tf.constant(self.tau * np.log(prior / prior.sum()), tf.float32)
+        return (self.tau * np.log(prior / prior.sum())).astype(np.float32)
+
+    def set_prior(self, prior: Any, tau: float) -> None:
+        """Set a new training prior and ``tau`` (``adjustable`` losses only).
+
+        Raises
+        ------
+        ConfigError
+            As the constructor, or if the loss is not adjustable or the class count differs.
+        """
+        offset = self._check(prior, tau)
+        if not isinstance(self._offset, tf.Variable) or offset.shape != self._offset.shape:
+            raise ConfigError(
+                f"cannot set a prior of {offset.shape[0]} classes on this logit-adjusted loss "
+                f"(offset {tuple(self._offset.shape)}, adjustable: "
+                f"{isinstance(self._offset, tf.Variable)})",
+                "build the loss with adjustable=True and the model's number of classes",
+            )
+        self._offset.assign(offset)
+
+    @property
+    def offset(self) -> np.ndarray:
+        """The current ``tau · log(prior)`` added to the logits."""
+        return np.asarray(self._offset)
 
     def call(self, y_true, y_pred):
         """Per-sample adjusted cross-entropy of integer labels and logits."""

@@ -376,9 +376,12 @@ def _seed_everything(seed: int) -> None:
 
 
 def _train_arrays(data: SiteData, cfg: FedConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Federated training images (new class left out), balanced as the scenario says."""
+    """Federated training images (new class left out), balanced as the scenario says.
+
+    ``sampler`` leaves the arrays as they are: it balances the batches (:func:`train_local`).
+    """
     x, y = federated_part(cfg, data, "train")
-    if cfg.balance == "none" or len(y) == 0:
+    if cfg.balance in ("none", "sampler") or len(y) == 0:
         return x, y
     from .balance import balance_train
 
@@ -396,14 +399,18 @@ def train_local(
 ) -> dict[str, float]:
     """Train the already-loaded ``local`` model on the site's training split, deterministically.
 
-    Loss: cross-entropy, plus ``proximal_mu / 2 * ||w - w_global||²`` over the trainable
-    weights when ``proximal_mu > 0`` (FedProx; ``w_global`` = the weights at entry).
+    Batches: with ``balance: sampler`` drawn with :func:`common.balance.sampling_probs` of
+    this site's own labels at ``sampling-power``. Loss: cross-entropy, or with ``loss:
+    logit-adjusted`` cross-entropy on ``logits + la-tau · log(prior)`` where ``prior`` is
+    this site's own effective training prior (:func:`site_prior`), plus ``proximal_mu / 2 *
+    ||w - w_global||²`` over the trainable weights when ``proximal_mu > 0`` (FedProx;
+    ``w_global`` = the weights at entry).
 
     Returns
     -------
     dict[str, float]
-        ``train_loss`` (cross-entropy, mean over the last epoch) and ``train_examples``
-        (after balancing).
+        ``train_loss`` (label loss, mean over the last epoch) and ``train_examples``
+        (after balancing; the sampler draws as many per epoch).
 
     Raises
     ------
@@ -416,9 +423,40 @@ def train_local(
                         "give the site data, or leave it out of the federation")
     local.mu.assign(float(proximal_mu))
     local.optimizer.learning_rate = float(lr)
+    num_classes = len(data.class_names)
+    if cfg.loss == "logit-adjusted":
+        local.set_prior(site_prior(cfg, y, num_classes), cfg.la_tau)
+    else:
+        local.set_prior(None, 0.0)
+    probs = None
+    if cfg.balance == "sampler":
+        from .balance import sampling_probs
+
+        probs = sampling_probs(y, cfg.sampling_power)
     loss = train(local, x, y, epochs=epochs, batch_size=cfg.batch_size, augment=cfg.augment,
-                 seed=seed)
+                 seed=seed, sample_probs=probs)
     return {"train_loss": loss, "train_examples": int(len(y))}
+
+
+def site_prior(cfg: FedConfig, y: np.ndarray, num_classes: int) -> np.ndarray:
+    """Return the class prior of this site's training batches, for its logit-adjusted loss.
+
+    Logit adjustment (Menon et al., arXiv 2007.07314) adds ``tau · log(prior)`` of the
+    *training* distribution to the logits in the loss; the loss is then minimised by logits
+    ``log p(x | y) + const``, i.e. the plain logits estimate a class-balanced posterior. In a
+    federation each site trains on its own class mix, and the per-site prior is the federated
+    form: with each site's own ``π_k`` every site's optimum is the same balanced posterior
+    (under label shift: sites differ in their class mix, not in how a class looks), so the
+    local updates agree and the aggregated model estimates it too, whereas one global prior
+    would tilt each site's optimum by ``log π_k - log π_global`` towards its own mix. A class
+    the site lacks counts as one image: its adjusted logit is then very low, so the site
+    barely pushes that class's plain logit down. The prior is of the batches as drawn: ``y``
+    (after any array balancing) at ``sampling-power`` with ``balance: sampler``, else as is.
+    """
+    from .balance import effective_prior
+
+    power = cfg.sampling_power if cfg.balance == "sampler" else 0.0
+    return effective_prior(y, num_classes, power, warn=False)
 
 
 def _scores(
@@ -434,9 +472,22 @@ def _scores(
     return metrics
 
 
-def evaluate(model, x: np.ndarray, y: np.ndarray, class_names: tuple[str, ...]) -> dict[str, Any]:
-    """Loss and classification metrics of a Keras model on local images (aggregates only)."""
-    return _scores(predict_logits(model, x), y, class_names, from_logits(model))
+def tta_predict(model, x: np.ndarray, tta: int = 1) -> np.ndarray:
+    """Logits of a Keras or Akida model on local images, averaged over ``tta`` views."""
+    from .tta import is_akida, tta_logits
+
+    logits, _ = tta_logits(model, x, tta, predict=None if is_akida(model) else predict_logits)
+    return logits
+
+
+def evaluate(
+    model, x: np.ndarray, y: np.ndarray, class_names: tuple[str, ...], tta: int = 1
+) -> dict[str, Any]:
+    """Loss and classification metrics of a Keras model on local images (aggregates only).
+
+    ``tta`` views (flips, 90° rotations, :mod:`common.tta`) are averaged per image.
+    """
+    return _scores(tta_predict(model, x, tta), y, class_names, from_logits(model))
 
 
 # -- phases ---------------------------------------------------------------------------------------
@@ -483,13 +534,14 @@ def _round(
     local = local_model(cfg, len(data.class_names), kind, alphas)
     local.start_round(arrays, lr, mu)
     x_test, y_test = federated_part(cfg, data, "test")
-    received = (evaluate(local.model, x_test, y_test, data.class_names) if len(y_test)
+    received = (evaluate(local.model, x_test, y_test, data.class_names, cfg.tta) if len(y_test)
                 else None)
     train = train_local(local, data, cfg, lr=lr, epochs=epochs, seed=seed, proximal_mu=mu)
     metrics: dict[str, Any] = {**train}
     if received is not None:
         metrics["test"] = received
-        metrics[LOCAL_AFTER_TRAINING] = evaluate(local.model, x_test, y_test, data.class_names)
+        metrics[LOCAL_AFTER_TRAINING] = evaluate(local.model, x_test, y_test, data.class_names,
+                                                 cfg.tta)
     groups = EXCHANGED["qat" if kind == QUANTIZED else "warmup"]
     return get_arrays(local.model, groups), train["train_examples"], metrics
 
@@ -554,7 +606,8 @@ def finalize(
     classes only); with ``edge.new-class`` a ``new_class`` block splits them into old and
     new classes, before and after on-chip learning. With ``explain-images > 0`` a
     ``saliency`` block reports the overlays written to ``out_dir/saliency`` (see
-    :func:`explain_locally`).
+    :func:`explain_locally`). The global model's quantized and Akida scores average the
+    scenario's ``tta`` views; on-chip learning (one view) is compared with one view before.
     """
     from .metrics import classification_metrics
 
@@ -565,18 +618,19 @@ def finalize(
         local = local_model(cfg, len(names), FLOAT)
         set_arrays(local.model, arrays)
         return len(data.y_train), {"test": evaluate(local.model, data.x_test, data.y_test,
-                                                    names)}
+                                                    names, cfg.tta)}
     alphas, arrays = split_pact(arrays)
     local = local_model(cfg, len(names), QUANTIZED, alphas)
     set_arrays(local.model, arrays)
     akida_model, digest = convert(cfg, local.model)
-    logits = predict_logits(local.model, data.x_test)  # after convert: it may rescale in place
-    from .train import predict_akida
-
-    pred = predict_akida(akida_model, data.x_test.astype(np.uint8))
+    # after convert: it may rescale the quantized model in place
+    logits = tta_predict(local.model, data.x_test, cfg.tta)
+    pixels = data.x_test.astype(np.uint8)
+    pred = tta_predict(akida_model, pixels, cfg.tta).argmax(axis=-1)
     report: dict[str, Any] = {
         "akida_hash": digest,
         "hash_matches_server": digest == server_hash,
+        "tta": cfg.tta,
         "keras_quantized": _scores(logits, data.y_test, names, from_logits(local.model)),
         "akida": classification_metrics(data.y_test, pred, names),
         "akida_agreement": float(np.mean(pred == logits.argmax(axis=-1))),
@@ -587,7 +641,9 @@ def finalize(
     from .models import get_variant
 
     if get_variant(cfg.model.variant).edge_learning:
-        report.update(_edge_report(cfg, data, akida_model, pred, seed))
+        # On-chip learning predicts one view per image: compare it with one view before.
+        single = pred if cfg.tta == 1 else tta_predict(akida_model, pixels).argmax(axis=-1)
+        report.update(_edge_report(cfg, data, akida_model, single, seed))
     return len(data.y_train), report
 
 

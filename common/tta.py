@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -79,7 +80,8 @@ def model_logits(model: Any, images: np.ndarray, batch_size: int = 64) -> np.nda
 
 
 def tta_logits(
-    model: Any, images: np.ndarray, tta: int = 1, batch_size: int = 64
+    model: Any, images: np.ndarray, tta: int = 1, batch_size: int = 64,
+    predict: Callable[[Any, np.ndarray, int], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Mean logits over the first ``tta`` views of :data:`VIEWS`, and timing.
 
@@ -93,6 +95,9 @@ def tta_logits(
         Number of views, 1..:data:`MAX_TTA`.
     batch_size : int (default: 64)
         Images per call.
+    predict : Callable | None (default: None)
+        ``predict(model, images, batch_size) -> (N, classes)`` scores of one view;
+        :func:`model_logits` when None.
 
     Returns
     -------
@@ -103,7 +108,7 @@ def tta_logits(
     total = None
     t0 = time.perf_counter()
     for name in VIEWS[:n_views]:
-        out = model_logits(model, view(images, name), batch_size)
+        out = (predict or model_logits)(model, view(images, name), batch_size)
         total = out if total is None else total + out
     seconds = time.perf_counter() - t0
     per_view_ms = 1000.0 * seconds / max(1, n_views * len(images))
