@@ -100,6 +100,7 @@ class QanaGlobalModel:
             meta = model_meta(
                 variant=self.cfg.model.variant, size=self.cfg.model.size,
                 class_names=self.class_names, colour=self.cfg.model.colour, akida_hash=digest,
+                tta=self.cfg.tta,
             )
         save_akida(akida_model, Path(out_dir) / "global_model.fbz", meta=meta)
         return digest

@@ -124,3 +124,29 @@ def test_a_round_scores_the_global_model_received_before_training_on_it(cfg, dat
                           y_test, data.class_names)
     assert metrics[site.LOCAL_AFTER_TRAINING]["loss"] == pytest.approx(local["loss"], rel=1e-5)
     assert metrics[site.LOCAL_AFTER_TRAINING]["loss"] != pytest.approx(received["loss"], rel=1e-3)
+
+
+def test_two_qana_sites_warm_up_with_the_recipe_on_one_compiled_step(initial):
+    # Prepare: the recipe, two sites of the same scenario in one process (as simulated sites)
+    recipe = parse_config({**SCENARIO, "balance": "sampler", "loss": "logit-adjusted",
+                           "tta": 2})
+    sites = [site.data_of(recipe, i, None) for i in (0, 1)]
+    held_out = sites[0].class_names.index("mel")
+
+    # Execute
+    offsets, metrics = [], []
+    for data in sites:
+        _, n, m = site.warmup(recipe, data, initial, step=1, lr=0.01, epochs=1)
+        offsets.append(CACHE.models["float"].label_loss.offset.copy())
+        metrics.append((n, m))
+
+    # Assert: each site trained on its own prior (new class out), through the one trace
+    for data, offset, (n, m) in zip(sites, offsets, metrics, strict=True):
+        _, y = site.federated_part(recipe, data, "train")
+        prior = site.site_prior(recipe, y, len(data.class_names))
+        np.testing.assert_allclose(offset, np.log(prior), rtol=1e-5)
+        assert offset[held_out] == offset.min()  # the held-out class counts as one image
+        assert n == len(y)  # the sampler adds no image
+        assert np.isfinite(m["train_loss"]) and 0.0 <= m["test"]["balanced_accuracy"] <= 1.0
+    assert not np.allclose(offsets[0], offsets[1])
+    assert CACHE.models["float"].step.experimental_get_tracing_count() == 1
