@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 from .tta import MAX_TTA
@@ -22,6 +32,23 @@ LOSSES = ("ce", "logit-adjusted")
 
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
+
+
+#: The accuracy recipe's numeric keys: ``field: (check, allowed values, fix)``.
+_RECIPE_RANGES: dict[str, tuple[Callable[[float], bool], str, str]] = {
+    "sampling_power": (
+        lambda v: 0.0 <= v <= 1.0, "in [0, 1]",
+        "use 1 (class-balanced), 0.5 (square-root, the accuracy recipe) or 0 (natural)",
+    ),
+    "la_tau": (
+        lambda v: math.isfinite(v) and v >= 0.0, "a finite number >= 0",
+        "use e.g. 1.0 (0 is plain cross-entropy)",
+    ),
+    "tta": (
+        lambda v: 1 <= v <= MAX_TTA, f"a number of views (1 to {MAX_TTA})",
+        f"use 1 (no test-time augmentation) to {MAX_TTA} (flips and 90° rotations)",
+    ),
+}
 
 
 class _Section(BaseModel):
@@ -407,34 +434,12 @@ class FedConfig(_Section):
             parse_policy(raw, f"site-policies.{site}")
         return value
 
-    @field_validator("sampling_power")
+    @field_validator(*_RECIPE_RANGES)
     @classmethod
-    def _power_in_range(cls, value: float) -> float:
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(
-                f"sampling-power {value} is outside [0, 1]; use 1 (class-balanced), 0.5 "
-                "(square-root, the accuracy recipe) or 0 (natural frequencies)"
-            )
-        return value
-
-    @field_validator("la_tau")
-    @classmethod
-    def _tau_non_negative(cls, value: float) -> float:
-        if not (value >= 0.0 and value != float("inf")):
-            raise ValueError(
-                f"la-tau {value} is not a finite number >= 0; use e.g. 1.0 (0 is plain "
-                "cross-entropy)"
-            )
-        return value
-
-    @field_validator("tta")
-    @classmethod
-    def _tta_views(cls, value: int) -> int:
-        if not 1 <= value <= MAX_TTA:
-            raise ValueError(
-                f"tta {value} is not a number of views; use 1 (no test-time augmentation) "
-                f"to {MAX_TTA} (flips and 90° rotations)"
-            )
+    def _recipe_in_range(cls, value: float, info: ValidationInfo) -> float:
+        ok, allowed, fix = _RECIPE_RANGES[info.field_name]
+        if not ok(value):
+            raise ValueError(f"{_kebab(info.field_name)} {value} is not {allowed}; {fix}")
         return value
 
     @model_validator(mode="after")

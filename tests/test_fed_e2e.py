@@ -1,7 +1,8 @@
-"""End to end: 3 simulated sites train a tiny QANA with PACT (warm-up,
-federated calibration, 2 QAT rounds), convert it to Akida, learn on-chip (incl. a class held out
-of the federation), write saliency overlays to their own folders and report sealed metrics that
-the coordinator decrypts."""
+"""End to end: 3 simulated sites train a tiny QANA with PACT and the accuracy recipe
+(square-root balanced sampler, logit-adjusted loss with each site's prior, 2-view TTA scores;
+warm-up, federated calibration, 2 QAT rounds), convert it to Akida, learn on-chip (incl. a
+class held out of the federation), write saliency overlays to their own folders and report
+sealed metrics that the coordinator decrypts."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def test_three_sites_reach_identical_akida_models_with_sealed_reports(tmp_path):
         "rounds": {"warmup": 3, "qat": 2}, "local-epochs": 2,
         "batch-size": 16, "lr": 0.003, "qat-lr": 0.0003,
         "calibration-samples": 32, "quorum": {"min-sites": 3, "min-replies": 3},
-        "timeouts": {"connect": 300, "round": 900}, "balance": "oversample",
+        "timeouts": {"connect": 300, "round": 900},
+        "balance": "sampler", "sampling-power": 0.5, "loss": "logit-adjusted", "tta": 2,
         "edge": {"shots": 3, "neurons-per-class": 1, "new-class": "mel"},
         "metrics-key": str(keys / "metrics.pub"), "seed": 3,
         # SGT is tested per site (test_fed_pact_sgt): with it, this 1-round backbone emitted
@@ -75,6 +77,7 @@ def test_three_sites_reach_identical_akida_models_with_sealed_reports(tmp_path):
     meta = json.loads((out / "global_model.fbz.meta.json").read_text())
     assert meta["akida_hash"] == server_hash and len(meta["class_names"]) >= 2
     assert meta["preprocessing"]["colour_constancy"] == "none"
+    assert meta["tta"] == 2  # `model evaluate` scores the global model as the sites did
     # The global Akida model learned something: on the union of the sites' test images its
     # balanced accuracy is above chance (1 / classes present).
     union = np.sum([m["akida"]["confusion_matrix"] for m in final["sites"].values()], axis=0)
@@ -87,6 +90,7 @@ def test_three_sites_reach_identical_akida_models_with_sealed_reports(tmp_path):
     for site, m in final["sites"].items():
         assert m["akida_hash"] == server_hash, site
         assert m["hash_matches"] and m["hash_matches_server"]
+        assert m["tta"] == 2
         assert 0.0 <= m["akida"]["balanced_accuracy"] <= 1.0
         assert m["akida"]["num_examples"] > 0
         assert m["akida_agreement"] == 1.0  # conversion is bit-exact
