@@ -8,7 +8,7 @@ import os
 for _var in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Mapping  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from functools import lru_cache  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -17,7 +17,7 @@ from typing import Any  # noqa: E402
 from flwr.app import Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
-from client.mods import dp_mod, make_policy_mod, site_policy  # noqa: E402
+from client.mods import dp_mod, make_policy_mod, node_defaults_mod, site_policy  # noqa: E402
 from client.mods import scenario as _scenario  # noqa: E402
 from common import site  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
@@ -82,8 +82,10 @@ def _handle(
                           "set metrics-key in the scenario or metrics-public-key in node config")
     arrays = P.from_record(message.content[P.ARRAYS]) if P.ARRAYS in message.content else None
     out_dir = site_out_dir(context.node_config, config, data.site_id)
-    out_arrays, num_examples, metrics = work(cfg, data, arrays, {**dict(config),
-                                                                 "site-out-dir": out_dir})
+    # Site-side settings last: a message cannot set them (the trusted release key above all).
+    out_arrays, num_examples, metrics = work(cfg, data, arrays, {
+        **dict(config), "site-out-dir": out_dir,
+        "site-release-key": context.node_config.get("release-public-key") or None})
     from common.metrics_crypto import encrypt_report
 
     policy = site_policy(context.node_config, cfg, data.site_id)
@@ -121,7 +123,10 @@ def _qat(cfg: FedConfig, data: site.SiteData, arrays: Any, config: Any) -> tuple
 def _finalize(cfg: FedConfig, data: site.SiteData, arrays: Any, config: Any) -> tuple:
     n, metrics = site.finalize(cfg, data, arrays, int(config["server-round"]),
                                str(config.get("server-hash", "")),
-                               out_dir=config.get("site-out-dir"))
+                               out_dir=config.get("site-out-dir"),
+                               release=config.get("release") or None,
+                               release_key=config.get("site-release-key"),
+                               run_id=str(config["run-id"]))
     return None, n, metrics
 
 
@@ -148,13 +153,24 @@ class SitePhases:
 QANA_PHASES = SitePhases(_site, _hello, _warmup, _calibrate, _qat, _finalize)
 
 
-def make_client_app(phases: SitePhases = QANA_PHASES) -> ClientApp:
+def make_client_app(
+    phases: SitePhases = QANA_PHASES, node_defaults: Mapping[str, Any] | None = None
+) -> ClientApp:
     """Build the ClientApp: one handler per message type, each a thin call into ``phases``.
 
-    Mods: the site's policy is checked before any task, and under ``dp.enabled`` the weight
-    update is clipped and noised before it is sent (:mod:`client.mods`).
+    Mods: missing node config filled from ``node_defaults``, the site's policy checked before
+    any task, and under ``dp.enabled`` the weight update clipped and noised before it is sent
+    (:mod:`client.mods`).
+
+    Parameters
+    ----------
+    phases : SitePhases (default: QANA_PHASES)
+        The site-side work of each phase.
+    node_defaults : Mapping[str, Any] | None (default: None)
+        Node config of every node that does not set it itself (:func:`node_defaults_mod`).
     """
-    client_app = ClientApp(mods=[make_policy_mod(phases.load), dp_mod])
+    client_app = ClientApp(mods=[*([node_defaults_mod(node_defaults)] if node_defaults else []),
+                                 make_policy_mod(phases.load), dp_mod])
 
     @client_app.query("hello")
     def hello(message: Message, context: Context) -> Message:

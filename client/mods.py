@@ -1,4 +1,4 @@
-"""ClientApp mods: the site's policy before any task, differential privacy on what it sends.
+"""ClientApp mods: node config defaults, the site's policy before any task, DP on what it sends.
 
 Flower's own DP mods do not fit this protocol (``deploy/README.md``, "Differential privacy"):
 they clip the one ArrayRecord of a reply against the one of the request key by key, while our
@@ -24,7 +24,7 @@ from common.log import get_logger
 from common.policy import PolicyRefusal, SitePolicy, check_task, load_policy, parse_policy
 from server import protocol as P
 
-__all__ = ["dp_mod", "make_policy_mod", "scenario", "site_policy"]
+__all__ = ["dp_mod", "make_policy_mod", "node_defaults_mod", "scenario", "site_policy"]
 
 log = get_logger("client.mods")
 
@@ -68,6 +68,22 @@ def coordinator_key_id(node_config: Mapping[str, Any], cfg: FedConfig) -> str | 
     from common.metrics_crypto import key_id, load_metrics_public_key
 
     return key_id(load_metrics_public_key(str(path)))
+
+
+def node_defaults_mod(defaults: Mapping[str, Any]):
+    """Return a mod that fills the node config's missing keys from ``defaults``.
+
+    The Simulation Engine's Python entry point gives a simulated SuperNode only its
+    ``partition-id``: this is how ``qanafed sim`` gives its sites what a deployed site's
+    ``--node-config`` holds (the run's ``release-public-key``). A node's own value wins.
+    """
+
+    def mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        for key, value in defaults.items():
+            context.node_config.setdefault(key, value)
+        return call_next(message, context)
+
+    return mod
 
 
 def make_policy_mod(load: Callable[[Context, FedConfig], Any]):

@@ -61,11 +61,13 @@ __all__ = [
     "read_revoked",
     "release_key_id",
     "release_key_ids",
+    "release_document",
     "release_path",
     "revoke_release_key",
     "root_public_pem",
     "rotate_release_key",
     "sign_release",
+    "verify_document",
     "verify_release",
 ]
 
@@ -301,6 +303,38 @@ def revoke_release_key(folder: str | Path, key_id: str, reason: str = "") -> Pat
 # --------------------------------------------------------------------------------------- sign
 
 
+def release_document(model: str | Path, private_key: str | Path, **fields: Any) -> dict[str, Any]:
+    """Return the signed release document of ``model`` (what :func:`sign_release` writes).
+
+    Parameters and manifest fields as in :func:`sign_release`; nothing is written.
+    """
+    model = Path(model)
+    key = load_release_private_key(private_key)
+    if not model.is_file():
+        raise SecurityError(f"cannot sign {model}: no such file",
+                            "sign the model file the run wrote")
+    meta = read_meta(model) or {}
+    manifest = {
+        "model": {"file": model.name, "sha256": file_sha256(model),
+                  "bytes": model.stat().st_size},
+        "run_id": None, "round": None, "variant": meta.get("variant"),
+        "classes": meta.get("class_names"), "preprocessing": meta.get("preprocessing"),
+        "metrics": None,
+        **_finite(fields),
+        "created": _now(),
+        "key_id": release_key_id(key.public_key()),
+    }
+    if meta.get("akida_hash"):
+        manifest.setdefault("akida_hash", meta["akida_hash"])
+    return {
+        "format": FORMAT,
+        "manifest": manifest,
+        "signature": _b64(key.sign(canonical_json(manifest))),
+        "signer": {"key_id": manifest["key_id"], "public_key": _b64(_raw(key.public_key()))},
+        "key_chain": read_chain(Path(private_key).parent),
+    }
+
+
 def sign_release(model: str | Path, private_key: str | Path, **fields: Any) -> Path:
     """Sign a published model: write ``<model>.release.json`` beside it, atomically.
 
@@ -321,31 +355,8 @@ def sign_release(model: str | Path, private_key: str | Path, **fields: Any) -> P
     Path
         The manifest file.
     """
-    model = Path(model)
-    key = load_release_private_key(private_key)
-    if not model.is_file():
-        raise SecurityError(f"cannot sign {model}: no such file",
-                            "sign the model file the run wrote")
-    meta = read_meta(model) or {}
-    manifest = {
-        "model": {"file": model.name, "sha256": file_sha256(model),
-                  "bytes": model.stat().st_size},
-        "run_id": None, "round": None, "variant": meta.get("variant"),
-        "classes": meta.get("class_names"), "preprocessing": meta.get("preprocessing"),
-        "metrics": None,
-        **_finite(fields),
-        "created": _now(),
-        "key_id": release_key_id(key.public_key()),
-    }
-    if meta.get("akida_hash"):
-        manifest.setdefault("akida_hash", meta["akida_hash"])
-    document = {
-        "format": FORMAT,
-        "manifest": manifest,
-        "signature": _b64(key.sign(canonical_json(manifest))),
-        "signer": {"key_id": manifest["key_id"], "public_key": _b64(_raw(key.public_key()))},
-        "key_chain": read_chain(Path(private_key).parent),
-    }
+    document = release_document(model, private_key, **fields)
+    manifest = document["manifest"]
     path = release_path(model)
     atomic_write_text(path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
     _log.info("signed release %s (model sha256 %s, key %s)", path,
@@ -423,6 +434,52 @@ def _trusted_signer(
     return current
 
 
+def verify_document(
+    document: Any, public_key: str | Path, where: str | Path
+) -> dict[str, Any]:
+    """Check a release document's signature against the trusted key; return its manifest.
+
+    The model it names is not checked here (:func:`verify_release` checks a file's SHA-256;
+    a site checks the weights it received, :mod:`common.received_release`).
+
+    Parameters
+    ----------
+    document : Any
+        The parsed ``<model>.release.json`` (or the same document sent in a message).
+    public_key : str | Path
+        The trusted release public key; ``release-revoked.json`` and ``release-chain.json``
+        beside it are honoured.
+    where : str | Path
+        Names the document in errors (its file, or the message it came in).
+
+    Raises
+    ------
+    SecurityError
+        Not a release document, unknown or revoked signer, broken key chain, bad signature.
+    """
+    manifest_file = Path(where)
+    public_key = Path(public_key)
+    root = load_release_public_key(public_key)
+    revoked = read_revoked(public_key.parent)
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise SecurityError(f"{manifest_file} is not a {FORMAT} manifest", _RESTORE)
+    manifest = document.get("manifest")
+    if not isinstance(manifest, dict):
+        raise SecurityError(f"{manifest_file} holds no manifest", _RESTORE)
+    signer = _trusted_signer(document, root, read_chain(public_key.parent), revoked,
+                             manifest_file, public_key.parent / REVOKED_FILE)
+    if not _signed(signer, document.get("signature"), manifest, manifest_file):
+        raise SecurityError(
+            f"{manifest_file} was altered after it was signed (its signature by key "
+            f"{release_key_id(signer)} does not match its content)",
+            "do not use this model; copy model and manifest again from the coordinator",
+        )
+    if manifest.get("key_id") != release_key_id(signer):
+        raise SecurityError(f"{manifest_file}: signed key id {manifest.get('key_id')} is not "
+                            f"the signer {release_key_id(signer)}", _RESTORE)
+    return manifest
+
+
 def verify_release(model: str | Path, public_key: str | Path | None = None) -> dict[str, Any]:
     """Check a model against its signed manifest; return the manifest.
 
@@ -461,26 +518,8 @@ def verify_release(model: str | Path, public_key: str | Path | None = None) -> d
         )
     if public_key is None:
         public_key = default_public_key(model)
-    public_key = Path(public_key)
-    root = load_release_public_key(public_key)
-    revoked = read_revoked(public_key.parent)
-    document = _read_json(manifest_file, "release manifest")
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise SecurityError(f"{manifest_file} is not a {FORMAT} manifest", _RESTORE)
-    manifest = document.get("manifest")
-    if not isinstance(manifest, dict):
-        raise SecurityError(f"{manifest_file} holds no manifest", _RESTORE)
-    signer = _trusted_signer(document, root, read_chain(public_key.parent), revoked,
-                             manifest_file, public_key.parent / REVOKED_FILE)
-    if not _signed(signer, document.get("signature"), manifest, manifest_file):
-        raise SecurityError(
-            f"{manifest_file} was altered after it was signed (its signature by key "
-            f"{release_key_id(signer)} does not match its content)",
-            "do not use this model; copy model and manifest again from the coordinator",
-        )
-    if manifest.get("key_id") != release_key_id(signer):
-        raise SecurityError(f"{manifest_file}: signed key id {manifest.get('key_id')} is not "
-                            f"the signer {release_key_id(signer)}", _RESTORE)
+    manifest = verify_document(_read_json(manifest_file, "release manifest"), public_key,
+                               manifest_file)
     expected = (manifest.get("model") or {}).get("sha256")
     actual = file_sha256(model)
     if actual != expected:

@@ -598,7 +598,8 @@ def qat(
 
 def finalize(
     cfg: FedConfig, data: SiteData, arrays: dict[str, np.ndarray], step: int, server_hash: str,
-    out_dir: Path | None = None,
+    out_dir: Path | None = None, *, release: str | None = None,
+    release_key: str | Path | None = None, run_id: str = "",
 ) -> tuple[int, dict[str, Any]]:
     """Convert the global model to Akida, check it, evaluate, learn on-chip, evaluate again.
 
@@ -608,8 +609,20 @@ def finalize(
     ``saliency`` block reports the overlays written to ``out_dir/saliency`` (see
     :func:`explain_locally`). The global model's quantized and Akida scores average the
     scenario's ``tta`` views; on-chip learning (one view) is compared with one view before.
+
+    With a ``release_key`` (the site's trusted release public key) the signed ``release``
+    sent with the arrays must verify for ``run_id`` and ``step`` and name these arrays
+    before they are converted, and the conversion must give its signed Akida hash before
+    anything is evaluated or learnt (:mod:`common.received_release`); otherwise
+    :class:`~common.errors.SecurityError`.
     """
     from .metrics import classification_metrics
+    from .received_release import check_akida_hash, verify_received
+
+    manifest = None
+    if cfg.model.variant != "qana-float":  # the float reference is never converted
+        manifest = verify_received(release, release_key, arrays, site_id=data.site_id,
+                                   run_id=run_id, step=step)
 
     seed = site_seed(cfg.seed, step, data.site_id)
     _seed_everything(seed)
@@ -623,6 +636,7 @@ def finalize(
     local = local_model(cfg, len(names), QUANTIZED, alphas)
     set_arrays(local.model, arrays)
     akida_model, digest = convert(cfg, local.model)
+    check_akida_hash(manifest, digest, site_id=data.site_id, step=step)
     # after convert: it may rescale the quantized model in place
     logits = tta_predict(local.model, data.x_test, cfg.tta)
     pixels = data.x_test.astype(np.uint8)

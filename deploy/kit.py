@@ -194,7 +194,9 @@ class SiteKit:
 
         ``out-dir`` (``<kit>/out``) is where the site keeps what never leaves it, such as the
         saliency overlays of its own images. ``policy-file`` (the kit's ``policy.yaml``) is
-        added when the kit has one.
+        added when the kit has one; ``release-public-key`` (the kit's ``release.pub``) too: the
+        key the global model must be signed with before the site converts it or learns from it
+        on-chip.
         """
         config = {
             "site-id": self.config.site,
@@ -205,6 +207,8 @@ class SiteKit:
         }
         if self.policy is not None:  # checked by the ClientApp before every task
             config["policy-file"] = str(self.policy)
+        if (self.dir / "release.pub").is_file():
+            config["release-public-key"] = str(self.dir / "release.pub")
         return config
 
 

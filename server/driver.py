@@ -144,6 +144,10 @@ class FederatedRun:
     stop : threading.Event | None (default: None)
         When set (Ctrl-C), the run abandons the round in progress and raises
         :class:`RunInterrupted`; the checkpoint of the last complete round stays.
+    release_key : Path | None (default: None)
+        The coordinator's release private key: the global model sent in the finalize round
+        is signed (``<model>.release.json``) and the signed document goes with it, for the
+        sites to check (:mod:`common.received_release`). None: sent unsigned.
     """
 
     def __init__(
@@ -158,6 +162,7 @@ class FederatedRun:
         on_event: Callable[[dict[str, Any]], None] | None = None,
         registered: Mapping[int, str] | None = None,
         stop: threading.Event | None = None,
+        release_key: Path | None = None,
     ) -> None:
         self.grid = grid
         self.cfg = cfg
@@ -171,6 +176,7 @@ class FederatedRun:
         self.on_event = on_event
         self.registered = None if registered is None else dict(registered)
         self.stop = stop
+        self.release_key = release_key
         self.strategy = make_strategy(cfg.strategy)
         self.sites: dict[int, str] = {}
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -399,6 +405,17 @@ class FederatedRun:
             )
         return kept, dict(sorted(refused.items()))
 
+    def _sign_for_sites(
+        self, arrays: dict[str, np.ndarray], state: dict[str, Any], step: Step, akida_hash: str
+    ) -> str:
+        """Sign the global model and the arrays sent with it; return the release (JSON)."""
+        from common.received_release import sign_for_sites
+
+        return sign_for_sites(self.out_dir / "global_model.fbz", self.release_key, arrays,
+                              run_id=state["run-id"], round=step.number,
+                              scenario=self.cfg.name, variant=self.cfg.model.variant,
+                              akida_hash=akida_hash)
+
     def _round(
         self, step: Step, nodes: list[int], arrays: dict[str, np.ndarray], state: dict[str, Any]
     ) -> dict[str, np.ndarray]:
@@ -410,6 +427,8 @@ class FederatedRun:
         if step.phase == "finalize":
             server_hash = self.model.finalize(self._finalize_arrays(arrays), self.out_dir)
             config["server-hash"] = server_hash or ""
+            if self.release_key is not None and server_hash:
+                config["release"] = self._sign_for_sites(arrays, state, step, server_hash)
         contents = {n: P.request_content(arrays, config) for n in nodes}
         sent = sum(P.record_nbytes(c) for c in contents.values())
         result = run_round(self.grid, contents, step.message_type, self.cfg.timeouts.round,
@@ -454,6 +473,8 @@ class FederatedRun:
         }
         if server_hash is not None:
             entry["server_hash"] = server_hash
+        if "release" in config:
+            entry["weights_sha256"] = json.loads(config["release"])["manifest"]["weights_sha256"]
         state["rounds"].append(entry)
         phase_seconds = state["phase-seconds"]
         phase_seconds[step.phase] = round(phase_seconds.get(step.phase, 0.0) + seconds, 2)

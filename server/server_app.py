@@ -86,6 +86,7 @@ def run_server(
         from .binding import registered_sites
 
         registered = registered_sites(nodes_file)
+    release_key = _setting(settings, "release-private-key")  # signs what the sites receive
     start = time.monotonic()
     run = FederatedRun(
         grid, cfg, model_factory, receiver, out_dir,
@@ -93,6 +94,7 @@ def run_server(
         stop_after=int(_setting(settings, "stop-after", 0)) or None,
         registered=registered,
         stop=settings.get("stop-event"),
+        release_key=Path(release_key) if release_key else None,
     )
     state = run.run()
     report = build_report(state, wall_seconds=round(time.monotonic() - start, 1))
@@ -104,7 +106,6 @@ def run_server(
         for row in ledger_rows(report, len(plan(cfg)) + 1):
             receiver.ledger.record(**row)
     log.info("report written to %s", out_dir / "report.json")
-    release_key = _setting(settings, "release-private-key")
     if release_key:
         _sign_global_model(out_dir / "global_model.fbz", Path(release_key), cfg, report)
     return report
@@ -117,9 +118,10 @@ def _sign_global_model(model: Path, key: Path, cfg: FedConfig, report: dict[str,
     final = report.get("final")
     if final is None or not model.is_file():
         return  # an unfinished run, or a float variant: no model to release
+    sent = {"weights_sha256": final["weights_sha256"]} if final.get("weights_sha256") else {}
     sign_release(model, key, run_id=report["run_id"], round=final["step"], scenario=cfg.name,
                  variant=cfg.model.variant, sites=sorted(final.get("sites") or {}),
-                 metrics=final.get("global") or {})  # akida_hash: from the model's meta.json
+                 metrics=final.get("global") or {}, **sent)  # akida_hash: from meta.json
 
 
 def make_server_app(

@@ -125,7 +125,8 @@ def test_every_kit_validates(kits):
     assert site.node_config() == {
         "site-id": "a", "data-path": str(tmp / "data" / "a"),
         "metrics-public-key": str(out / "sites/a/metrics.pub"), "device": "akd1000",
-        "out-dir": str(out / "sites/a/out"), "policy-file": str(out / "sites/a/policy.yaml")}
+        "out-dir": str(out / "sites/a/out"), "policy-file": str(out / "sites/a/policy.yaml"),
+        "release-public-key": str(out / "sites/a/release.pub")}
 
 
 def test_rerun_unchanged_project_changes_nothing(copy, kits):

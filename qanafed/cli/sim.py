@@ -171,7 +171,7 @@ def sim(
     sim_checks.check_out(out, cfg, {"--config": config, "--data": cfg.data,
                                     "--metrics-key": metrics_key}, resume=resume, force=force)
 
-    from client.client_app import app as client_app
+    from client.client_app import make_client_app
     from qanafed.cli.interrupt import EXIT_INTERRUPTED, two_stage_interrupt
     from server.driver import plan
     from server.plots import write_plots
@@ -200,6 +200,9 @@ def sim(
                                   "metrics-private-key": str(private), "resume": resume,
                                   "release-private-key": str(release_key),
                                   "stop-event": interrupt})
+    # The simulated sites trust the run's release key, as a site trusts its kit's release.pub.
+    client_app = make_client_app(node_defaults={
+        "release-public-key": str(release_key.with_name("release.pub").resolve())})
     stop = threading.Event()
     events = out / "progress.jsonl"
     follower = threading.Thread(
