@@ -212,7 +212,9 @@ class Ledger:
             out.append({
                 "run": entry["run"],
                 "sites": sorted(entry["sites"]),
-                "last-round": max(rounds),
+                # the (ε, δ) rows a run ends with are numbered after its last round
+                "last-round": max((k for k, v in rounds.items() if v["phase"] != "privacy"),
+                                  default=max(rounds)),
                 "rounds": {str(k): {"phase": v["phase"], "sites": sorted(v["sites"])}
                            for k, v in sorted(rounds.items())},
                 "refusals": entry["refusals"],
