@@ -46,6 +46,7 @@ calibration-samples: 16
 quorum: {min-sites: 2, min-replies: 1}
 timeouts: {connect: 120, round: 90}
 edge: {shots: 1, neurons-per-class: 1}
+dp: {enabled: true, clip: 100.0, noise-multiplier: 0.05, delta: 1.0e-5}
 seed: 0
 """
 
@@ -140,8 +141,10 @@ def test_deployment_on_loopback(tmp_path: Path) -> None:
     # the ledger: both sites said hello; round 1 finished without b; b rejoined by round 3
     ledger = Ledger(cpaths.ledger)
     rounds: dict[int, set[str]] = {}
+    privacy = {}
     for rep in ledger.reports(starts[0]["run_id"]):
         if rep["phase"] == "privacy":  # each site's (ε, δ) row, written when the run ends
+            privacy[rep["site"]] = rep["metrics"]
             continue
         rounds.setdefault(rep["round"], set()).add(rep["site"])
         assert rep["phase"] in ("hello", "warmup") and isinstance(rep["metrics"], dict)
@@ -150,6 +153,11 @@ def test_deployment_on_loopback(tmp_path: Path) -> None:
     assert "a" in rounds[2] <= {"a", "b"}  # b is back only if round 2 ran again after resume
     assert rounds[3] == {"a", "b"}
     assert status_json["runs"][-1]["last-round"] == 3
+    # DP was on: each site's clipped, noised updates are accounted, ε finite and positive
+    assert set(privacy) == {"a", "b"}
+    for spent in privacy.values():
+        assert spent["enabled"] is True and spent["noise_multiplier"] == 0.05
+        assert spent["rounds"] >= 1 and 0 < spent["epsilon"] < float("inf")
     # the ledger's hash chain holds across the coordinator crash, the resume and the redone round
     audit = audit_ledger(cpaths.ledger, coord / "metrics.key")
     assert audit.ok and audit.entries >= len(ledger.reports()), audit.reason
