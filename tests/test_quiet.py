@@ -99,3 +99,25 @@ def test_sim_console_shows_a_live_rounds_by_sites_table(tmp_path, monkeypatch):
     assert rows[-2].split()[:6] == ["1", "warmup", "2", "0", "0.512", "0.401"]
     assert "0.457" in rows[-2]
     assert rows[-1].split()[:6] == ["2", "qat", "1", "1", "0.600", "-"]
+
+
+def test_cli_logging_shows_info_once_and_debug_only_in_the_run_log(tmp_path):
+    # A library's module-level logging.info() must not give the root logger a console handler
+    # that echoes the run log's debug records (it did once quantizeml had calibrated).
+    script = textwrap.dedent(f"""
+        import logging
+        from common.log import ensure_log_output, get_logger
+        from qanafed.cli._common import setup_logging
+        setup_logging(logging.INFO)
+        ensure_log_output({str(tmp_path / "run.log")!r}, logging.DEBUG)
+        logging.info("a library's own line")
+        get_logger("t").debug("detail for the run log")
+        get_logger("t").info("progress for the console")
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    console = res.stdout + res.stderr
+    assert console.count("progress for the console") == 1, console
+    assert "detail for the run log" not in console
+    assert "detail for the run log" in (tmp_path / "run.log").read_text()

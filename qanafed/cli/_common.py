@@ -25,6 +25,11 @@ def setup_logging(level: int = logging.INFO) -> None:
     console shows.
     """
     log = logging.getLogger(LOGGER_NAME)
+    root = logging.getLogger()
+    if not root.handlers:
+        # A library calling logging.info() would otherwise give the root logger a stderr
+        # handler (logging.basicConfig) that echoes every qanafed record, debug included.
+        root.addHandler(logging.NullHandler())
     if log.level == logging.NOTSET or log.level > level:
         log.setLevel(level)
     handler = next((h for h in log.handlers if isinstance(h, RichHandler)), None)
