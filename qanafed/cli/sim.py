@@ -83,6 +83,7 @@ def _follow(path: Path, stop: threading.Event, total_hint: int, offset: int = 0)
 
     Events before byte ``offset`` (an earlier run's, on resume) are skipped.
     """
+    from rich import box
     from rich.console import Group
     from rich.live import Live
     from rich.table import Table
@@ -94,9 +95,10 @@ def _follow(path: Path, stop: threading.Event, total_hint: int, offset: int = 0)
                    "rows": []}
 
     def render() -> Group:
-        table = Table(title="rounds", title_justify="left", expand=False)
+        table = Table(title="rounds", title_justify="left", expand=False, box=box.SIMPLE_HEAD)
         for name in ("round", "phase", "replies", "dropped", *state["sites"], "global", "s"):
-            table.add_column(name, justify="left" if name == "phase" else "right")
+            table.add_column(name, justify="left" if name == "phase" else "right",
+                             no_wrap=True, min_width=max(len(name), 9 if name == "phase" else 3))
         for ev in state["rows"]:
             s = ev.get("summary") or {}
             ba = s.get("test.balanced_accuracy") or s.get("akida.balanced_accuracy")
@@ -128,6 +130,8 @@ def _follow(path: Path, stop: threading.Event, total_hint: int, offset: int = 0)
             if new:
                 live.update(render())
             time.sleep(0.5)
+    if not console.is_terminal:
+        console.line()  # a redirected console gets the last frame without its line end
 
 
 def _fmt(value: float | None) -> str:
@@ -247,8 +251,17 @@ def sim(
         console.print(f"signed release: {release_path(out / 'global_model.fbz')} (check it: "
                       f"qanafed model verify --model {out / 'global_model.fbz'}; public key "
                       f"{release_key.with_name('release.pub')})", highlight=False, soft_wrap=True)
+    union = (report.get("global") or {}).get("akida") or {}
+    if union.get("balanced_accuracy") is not None:
+        ci = union.get("balanced_accuracy_ci") or []
+        interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if len(ci) == 2 else ""
+        console.print(f"global Akida model, all sites' test images: balanced accuracy "
+                      f"{_fmt(union['balanced_accuracy'])}{interval}, macro F1 "
+                      f"{_fmt(union.get('macro_f1'))}", highlight=False)
     for site, m in sorted((final.get("sites") or {}).items()):
         a, e = m.get("akida") or {}, m.get("akida_after_edge") or {}
+        after = e.get("balanced_accuracy")
         console.print(f"  {site}: hash match {m.get('hash_matches')}, Akida bal. acc. "
-                      f"{a.get('balanced_accuracy')}, after on-chip learning "
-                      f"{e.get('balanced_accuracy', e.get('error'))}")
+                      f"{_fmt(a.get('balanced_accuracy'))}, after on-chip learning "
+                      f"{_fmt(after) if after is not None else e.get('error', '-')}",
+                      highlight=False)
