@@ -149,10 +149,10 @@ def run_federated(cfg: Any, out: Path, parallel: int) -> dict[str, Any]:
 def score(akida_model: Any, sites: list[Any]) -> dict[str, Any]:
     """Balanced accuracy and macro F1 on the union of the site test splits, and per site."""
     from common.metrics import classification_metrics
-    from common.train import predict_akida
+    from common.tta import predict_classes
 
     names = sites[0].class_names
-    preds = [predict_akida(akida_model, s.x_test.astype(np.uint8)) for s in sites]
+    preds = [predict_classes(akida_model, s.x_test.astype(np.uint8)) for s in sites]
     union = classification_metrics(np.concatenate([s.y_test for s in sites]),
                                    np.concatenate(preds), names)
     keep = ("accuracy", "balanced_accuracy", "macro_f1", "num_examples")

@@ -54,9 +54,9 @@ def check_images(model: keras.Model, images: np.ndarray) -> np.ndarray:
 
 def predict_classes(model: keras.Model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Top-1 class of each image (float or quantized Keras model)."""
-    x = check_images(model, images)
-    logits = model.predict(x, batch_size=batch_size, verbose=0)
-    return np.asarray(logits).reshape(len(x), -1).argmax(-1)
+    from .tta import predict_classes as top1
+
+    return top1(model, check_images(model, images), batch_size)
 
 
 def _gradients(model: keras.Model, x: np.ndarray, targets: np.ndarray) -> np.ndarray:

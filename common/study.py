@@ -33,12 +33,11 @@ from .train import (
     SplitArrays,
     TrainConfig,
     _json_default,
-    predict_akida,
-    predict_keras,
     quantize_and_qat,
     train_float,
     variant_with_bits,
 )
+from .tta import predict_classes
 
 log = get_logger("study")
 
@@ -322,9 +321,9 @@ def _float_stage(
     t0 = time.perf_counter()
     log.info("study: training %s", name)
     model, record = train_float(arrays, cfg, progress, stage=name)
-    metrics = classification_metrics(arrays.y_test, predict_keras(model, arrays.x_test),
+    metrics = classification_metrics(arrays.y_test, predict_classes(model, arrays.x_test),
                                      arrays.class_names)
-    targets = predict_keras(model, sal_x)
+    targets = predict_classes(model, sal_x)
     stage = _FloatStage(name, cfg, model, vanilla_gradients(model, sal_x, targets), targets,
                         sal_masks)
     row = {
@@ -365,7 +364,7 @@ def _quantized_arm(
             ak_model = convert_exact(qmodel, info)
         except ModelError as err:
             reason = f"conversion refused: {err.problem}"
-    q_pred = predict_keras(qmodel, arrays.x_test)
+    q_pred = predict_classes(qmodel, arrays.x_test)
     q_metrics = classification_metrics(arrays.y_test, q_pred, arrays.class_names)
     row: dict[str, Any] = {
         "arm": arm, "bits": bits, "float_stage": stage.name, "kind": arm.split("+")[0],
@@ -374,7 +373,7 @@ def _quantized_arm(
     quantized_bytes = quantized_weight_bytes(qmodel)
     latency: dict[str, Any] = {"keras": _latency(qmodel, lat_x, repeats), "akida": None}
     if ak_model is not None:
-        ak_pred = predict_akida(ak_model, arrays.x_test)
+        ak_pred = predict_classes(ak_model, arrays.x_test)
         ak_metrics = classification_metrics(arrays.y_test, ak_pred, arrays.class_names)
         row.update(scored="akida", **_scores(ak_metrics),
                    size_bytes=len(bytes(ak_model.to_buffer())), size_kind="akida-fbz",

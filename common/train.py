@@ -16,7 +16,7 @@ from .dataset import LesionDataset
 from .errors import ConfigError, DataError, ModelError
 from .log import get_logger
 from .metrics import classification_metrics, headline
-from .tta import model_logits, tta_logits
+from .tta import predict_classes, tta_logits
 
 log = get_logger("train")
 
@@ -339,16 +339,6 @@ def _stage(progress: Progress | None, stage: str) -> Callable[[int, int], None] 
     return lambda done, total: progress(stage, done, total)
 
 
-def predict_keras(model: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Top-1 predictions of a (float or quantized) Keras model on raw 0–255 images."""
-    return model_logits(model, images, batch_size).argmax(axis=-1)
-
-
-def predict_akida(ak_model: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Top-1 predictions of an Akida model on raw uint8 images."""
-    return model_logits(ak_model, images, batch_size).argmax(axis=-1)
-
-
 def training_loss(
     cfg: TrainConfig, y_train: np.ndarray, num_classes: int, per_sample: bool = False
 ) -> Any:
@@ -430,7 +420,7 @@ def fit_selecting_on_val(
 
     class _SelectOnVal(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            y_pred = predict_keras(model, arrays.x_val)
+            y_pred = predict_classes(model, arrays.x_val)
             score = classification_metrics(arrays.y_val, y_pred, arrays.class_names)[
                 "balanced_accuracy"
             ]
@@ -600,7 +590,7 @@ def quantize_and_qat(
     qmodel = quantize_model(float_model, info, calibration)
     record: dict[str, Any] = {
         "ptq_val_balanced_accuracy": classification_metrics(
-            arrays.y_val, predict_keras(qmodel, arrays.x_val), arrays.class_names
+            arrays.y_val, predict_classes(qmodel, arrays.x_val), arrays.class_names
         )["balanced_accuracy"]
     }
     if cfg.align_before_qat and info.akida_version == "v1" and cfg.qat_epochs > 0:

@@ -79,6 +79,11 @@ def model_logits(model: Any, images: np.ndarray, batch_size: int = 64) -> np.nda
     return np.asarray(logits, dtype=np.float32).reshape(n, -1)
 
 
+def predict_classes(model: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Top-1 class of each raw 0–255 image for a Keras (float/quantized) or Akida model."""
+    return model_logits(model, images, batch_size).argmax(axis=-1)
+
+
 def tta_logits(
     model: Any, images: np.ndarray, tta: int = 1, batch_size: int = 64,
     predict: Callable[[Any, np.ndarray, int], np.ndarray] | None = None,
