@@ -337,6 +337,9 @@ def test_a_warm_fork_site_runs_the_rounds_of_a_real_run(tmp_path: Path) -> None:
     reports = Ledger(kits / "coordinator" / "run" / "ledger.sqlite").reports(
         json.loads((Path(run["out-dir"]) / "progress.jsonl").read_text().splitlines()[0])[
             "run_id"])
+    # each site's (ε, δ) row is written when the run ends, numbered after its last round
+    assert [r["site"] for r in reports if r["phase"] == "privacy"] == ["a"]
+    reports = [r for r in reports if r["phase"] != "privacy"]
     assert [(r["round"], r["site"], r["phase"]) for r in reports] == [
         (0, "a", "hello"), (1, "a", "warmup")]
     assert isinstance(reports[1]["metrics"], dict) and reports[1]["metrics"]
