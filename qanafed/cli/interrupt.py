@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 
@@ -13,9 +14,17 @@ EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 def _write(text: str) -> None:
-    """Write to stderr without locks (safe in a signal handler, whatever the threads hold)."""
+    """Write to stderr without locks (safe in a signal handler, whatever the threads hold).
+
+    Goes to ``sys.stderr``'s descriptor: under :func:`qanafed.cli.quiet.filter_native_stderr`
+    descriptor 2 is a pipe whose reader thread dies with an ``os._exit``, this one is the console.
+    """
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = 2
     with contextlib.suppress(OSError):
-        os.write(2, (text.rstrip("\n") + "\n").encode())
+        os.write(fd, (text.rstrip("\n") + "\n").encode())
 
 
 @contextlib.contextmanager
