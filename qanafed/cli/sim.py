@@ -18,6 +18,7 @@ from qanafed.cli._common import console
 
 log = get_logger("cli.sim")
 
+
 def _keys(out: Path, metrics_key: Path | None) -> tuple[Path, Path]:
     """Coordinator metrics key pair: the given private key, the run's own, or a new one.
 
@@ -101,7 +102,9 @@ def _follow(path: Path, stop: threading.Event, total_hint: int, offset: int = 0)
                              no_wrap=True, min_width=max(len(name), 9 if name == "phase" else 3))
         for ev in state["rows"]:
             s = ev.get("summary") or {}
-            ba = s.get("test.balanced_accuracy") or s.get("akida.balanced_accuracy")
+            # the same preference as each site's column (server.driver._site_scores)
+            ba = next((s[k] for k in ("akida.balanced_accuracy", "test.balanced_accuracy")
+                       if isinstance(s.get(k), int | float)), None)
             scores = ev.get("site_scores") or {}
             table.add_row(str(ev["step"]), ev["phase"], str(ev["replies"]), str(ev["dropped"]),
                           *(_fmt(scores.get(site)) for site in state["sites"]), _fmt(ba),
